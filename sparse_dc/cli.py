@@ -1,0 +1,61 @@
+"""`sparse-dc <command> ...`: one console script, one module per command, imported only when used.
+
+Each command module exposes `main(argv: list[str]) -> int` with its own argparse parser, so `sparse-dc law ...`
+never pays for importing torch or DeepSpeed.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from sparse_dc.errors import SparseDCError
+
+# command -> (module with main(argv), one-line help). Later stages register theirs here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("sparse_dc.data.cli", "prepare Arrow token shards; inspect a token-budget plan"),
+    "train": ("sparse_dc.train.cli", "train a sparse Llama with DeepSpeed ZeRO"),
+    "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: sparse-dc <command> [options]   (sparse-dc <command> --help for details)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from sparse_dc import __version__
+
+        print(f"sparse-dc {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"sparse-dc: error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    module_name, _ = COMMANDS[argv[0]]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            print(f"sparse-dc: error: command {argv[0]!r} is not available in this version", file=sys.stderr)
+            return 2
+        raise
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except SparseDCError as exc:
+        print(f"sparse-dc {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sparse-dc {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The root config tree: one dataclass per pipeline stage, loaded from YAML with dotted CLI overrides.
+
+    name: my-run
+    data:     {dir: ..., unique_tokens: 100M, seq_len: 256, epochs: 4}
+    model:    ...   (sparse_dc/model/config.py)
+    sparsity: ...   (sparse_dc/sparsity/config.py)
+    train:    ...   (sparse_dc/train/config.py)
+
+Later stages add their sections here; every command validates the whole tree once at start.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sparse_dc.config.base import Config
+from sparse_dc.data.config import DataConfig
+
+
+@dataclass(kw_only=True)
+class RunConfig(Config):
+    name: str = "run"
+    """Run name: the folder under `output_dir` and the ledger row's `name`."""
+    output_dir: str = "runs"
+    """Where run folders (checkpoints, metrics.jsonl, tensorboard) are created."""
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self, path: str = "") -> None:
+        self.check(bool(self.name) and "/" not in self.name, path, "name", "a non-empty name without '/'")
+        super().validate(path)

@@ -1,0 +1,1 @@
+"""Data stage: prepare Arrow token shards (`prepare`), and read exact token budgets from them (`loader`)."""

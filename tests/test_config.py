@@ -1,0 +1,64 @@
+"""The config machinery: strict typing, dotted overrides, validation messages that name field, value and rule."""
+import pytest
+
+from sparse_dc.config import ConfigError, load_config, parse_quantity, parse_scalar
+from sparse_dc.config.run import RunConfig
+
+
+def test_defaults_validate():
+    cfg = load_config(RunConfig)
+    assert cfg.data.seq_len == 256
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\ndata:\n  unique_tokens: 1M\n  seq_len: 128\n")
+    cfg = load_config(RunConfig, str(path), ["data.seq_len=64", "data.epochs=null", "data.total_tokens=2.56e6"])
+    assert (cfg.name, cfg.data.unique_tokens, cfg.data.seq_len) == ("a", 1_000_000, 64)
+    assert cfg.data.epochs is None and cfg.data.total_tokens == 2_560_000
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["data.seq_len=1"], "data.seq_len=1: expected an integer >= 2"),
+        (["data.seqlen=4"], "data.seqlen: unknown field"),
+        (["data.verify=md5"], "data.verify='md5': expected one of 'checksum', 'size'"),
+        (["data.seq_len=abc"], "data.seq_len='abc': expected a number"),
+        (["data.total_tokens=1000"], "data.epochs=4.0: expected exactly one of"),
+        (["data.epochs=null", "data.total_tokens=1000"], "data.total_tokens=1000: expected a positive multiple"),
+        (["nosuch.x=1"], "nosuch: unknown config section"),
+        (["data.seq_len"], "expected dotted key=value"),
+    ],
+)
+def test_errors_name_field_value_and_rule(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(RunConfig, None, override)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(RunConfig, str(tmp_path / "missing.yaml"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(RunConfig, str(tmp_path / "list.yaml"))
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(RunConfig, str(tmp_path / "bad.yaml"))
+
+
+def test_quantities():
+    assert parse_quantity("2.6B") == 2.6e9
+    assert parse_quantity("500M") == 5e8
+    assert parse_quantity("1_000") == 1000
+    assert parse_scalar("1e6") == 1e6 and parse_scalar("12") == 12 and parse_scalar("x") == "x"
+    with pytest.raises(ConfigError, match="expected a number"):
+        parse_quantity("lots")
+
+
+def test_fingerprint_changes_with_values():
+    a = load_config(RunConfig)
+    b = load_config(RunConfig, None, ["data.seed=7"])
+    assert a.fingerprint() != b.fingerprint() and a.fingerprint() == load_config(RunConfig).fingerprint()
