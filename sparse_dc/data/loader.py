@@ -1,0 +1,198 @@
+"""The TokenBudget loader: exactly U unique tokens, exactly D training tokens, identical at any world size.
+
+Layout of the prepared token stream (documents already in a seeded order, see shards.py):
+
+    [ validation: val_tokens | rest of the doc cut by it | unique pool: U tokens | unused ... ]
+                               (dropped, so no document    ^ starts at a document boundary
+                                is in both sets)
+
+The pool is cut into n = floor(U / L) sequences of L tokens (a tail of U mod L tokens is reported, never seen).
+Training sample i is sequence perm_e[i mod n] of epoch e = i // n, where perm_e is a permutation seeded by
+(seed, e); there are D / L samples, so the last epoch may be partial. Global batch b is samples [b*G, (b+1)*G) and
+rank r of W takes the r-th contiguous slice: the same samples train step b at any world size, and the whole resume
+state is one integer (samples consumed).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from sparse_dc.data.config import DataConfig
+from sparse_dc.data.shards import TokenStream, open_stream
+from sparse_dc.data.sources import DataError
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The exact accounting of a run's tokens (what `sparse-dc data inspect` prints)."""
+
+    corpus_tokens: int
+    val_tokens: int
+    train_start: int  # stream offset of the unique pool (first document boundary at or after val_tokens)
+    unique_tokens: int  # U
+    seq_len: int  # L
+    unique_sequences: int  # n = floor(U / L)
+    unused_tail_tokens: int  # U - n * L
+    total_samples: int  # D / L
+    total_tokens: int  # D
+    epochs: float  # D / (n * L): passes over the sequences actually seen
+    min_repeats: int
+    max_repeats: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_plan(corpus_tokens: int, doc_ends: np.ndarray, unique_tokens: int, seq_len: int, seed: int,
+              epochs: float | None = None, total_tokens: int | None = None, val_tokens: int = 0) -> BudgetPlan:
+    """Work out the exact plan, or raise DataError naming the impossible number."""
+    if (epochs is None) == (total_tokens is None):
+        raise DataError("expected exactly one of epochs and total_tokens")
+    if seq_len > unique_tokens:
+        raise DataError(f"seq_len={seq_len} is larger than unique_tokens={unique_tokens}: expected L <= U")
+    if val_tokens > corpus_tokens:
+        raise DataError(f"val_tokens={val_tokens} exceeds the corpus ({corpus_tokens} tokens)")
+    # The pool starts at the first document boundary at or after the validation cut.
+    boundary = int(np.searchsorted(doc_ends, val_tokens, side="left")) if val_tokens else -1
+    train_start = 0 if val_tokens == 0 else int(doc_ends[boundary]) if boundary < len(doc_ends) else corpus_tokens
+    available = corpus_tokens - train_start
+    if unique_tokens > available:
+        raise DataError(f"unique_tokens={unique_tokens} exceeds the {available} tokens left after the "
+                        f"{val_tokens}-token validation split (corpus: {corpus_tokens} tokens)")
+    n = unique_tokens // seq_len
+    if total_tokens is None:
+        samples = max(1, round(epochs * n))
+    else:
+        if total_tokens % seq_len:
+            raise DataError(f"total_tokens={total_tokens} is not a multiple of seq_len={seq_len}: expected e.g. "
+                            f"{total_tokens // seq_len * seq_len} or {(total_tokens // seq_len + 1) * seq_len}")
+        samples = total_tokens // seq_len
+    if samples < 1:
+        raise DataError(f"total_tokens={total_tokens}: expected at least one sequence of {seq_len} tokens")
+    return BudgetPlan(
+        corpus_tokens=corpus_tokens, val_tokens=val_tokens, train_start=train_start, unique_tokens=unique_tokens,
+        seq_len=seq_len, unique_sequences=n, unused_tail_tokens=unique_tokens - n * seq_len,
+        total_samples=samples, total_tokens=samples * seq_len, epochs=samples / n,
+        min_repeats=samples // n, max_repeats=math.ceil(samples / n), seed=seed,
+    )
+
+
+class TokenBudget:
+    """Maps sample indices to token sequences of a prepared directory under one `BudgetPlan`."""
+
+    def __init__(self, stream: TokenStream, plan: BudgetPlan):
+        self.stream, self.plan = stream, plan
+        self._permutation = lru_cache(maxsize=2)(self._make_permutation)
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, tokenizer_path: str | None = None) -> "TokenBudget":
+        stream = open_stream(cfg.dir, cfg.verify, tokenizer_path)
+        plan = make_plan(stream.total_tokens, stream.doc_ends, cfg.unique_tokens, cfg.seq_len, cfg.seed,
+                         cfg.epochs, cfg.total_tokens, cfg.val_tokens)
+        return cls(stream, plan)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.stream.vocab_size
+
+    def _make_permutation(self, epoch: int) -> np.ndarray:
+        # A fresh generator per (seed, epoch): any epoch is reachable without replaying earlier ones.
+        return np.random.default_rng([self.plan.seed, epoch]).permutation(self.plan.unique_sequences)
+
+    def sequence_ids(self, samples: np.ndarray) -> np.ndarray:
+        """Training sample indices -> pool sequence indices (vectorised; samples may span epochs)."""
+        samples = np.asarray(samples, dtype=np.int64)
+        if len(samples) and (samples.min() < 0 or samples.max() >= self.plan.total_samples):
+            raise IndexError(f"sample index outside [0, {self.plan.total_samples})")
+        n = self.plan.unique_sequences
+        epochs, positions = np.divmod(samples, n)
+        out = np.empty_like(samples)
+        for epoch in np.unique(epochs):
+            where = epochs == epoch
+            out[where] = self._permutation(int(epoch))[positions[where]]
+        return out
+
+    def read_sequences(self, sequence_ids: np.ndarray, start: int | None = None) -> np.ndarray:
+        """Pool sequences -> int64 tokens [len(ids), L]; `start` overrides the pool offset (validation)."""
+        L = self.plan.seq_len
+        base = self.plan.train_start if start is None else start
+        out = np.empty((len(sequence_ids), L), dtype=np.int64)
+        for row, seq in enumerate(sequence_ids):
+            self.stream.read(base + int(seq) * L, out[row])
+        return out
+
+    def samples(self, samples: np.ndarray) -> np.ndarray:
+        return self.read_sequences(self.sequence_ids(samples))
+
+    # --- batching -------------------------------------------------------------------------------------------
+    def num_batches(self, global_batch: int) -> int:
+        return math.ceil(self.plan.total_samples / global_batch)
+
+    def rank_slice(self, batch: int, global_batch: int, rank: int, world_size: int) -> np.ndarray:
+        """Sample indices of `rank`'s share of global batch `batch`.
+
+        Ranks take contiguous slices (np.array_split), so the union over ranks is the same global batch at any
+        world size; only the final batch of a run may be partial (then shares can differ by one sample).
+        """
+        if global_batch % world_size:
+            raise DataError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        lo = batch * global_batch
+        hi = min(lo + global_batch, self.plan.total_samples)
+        if lo >= hi:
+            raise IndexError(f"batch {batch} is past the end of the run ({self.num_batches(global_batch)} batches)")
+        return np.array_split(np.arange(lo, hi, dtype=np.int64), world_size)[rank]
+
+    def validation_sequences(self) -> int:
+        return self.plan.val_tokens // self.plan.seq_len
+
+    def validation_batch(self, ids: np.ndarray) -> np.ndarray:
+        """Validation sequences (in stream order from offset 0) -> tokens [len(ids), L]."""
+        return self.read_sequences(np.asarray(ids, dtype=np.int64), start=0)
+
+
+class TokenBudgetDataset(torch.utils.data.IterableDataset):
+    """One rank's stream of micro-batches, as a torch IterableDataset (use with DataLoader(batch_size=None)).
+
+    Yields dicts {"tokens": LongTensor [micro, L], "batch": b, "micro": k, "samples_end": int}: global batch b is
+    this rank's slice split into micro-batches of `micro_batch` samples; `samples_end` is the number of samples
+    consumed once batch b is complete (the resume state). With DataLoader workers, worker w produces every
+    num_workers-th micro-batch and the DataLoader's round-robin restores the order.
+    """
+
+    def __init__(self, budget: TokenBudget, global_batch: int, micro_batch: int, rank: int = 0,
+                 world_size: int = 1, samples_consumed: int = 0):
+        super().__init__()
+        if global_batch % (micro_batch * world_size):
+            raise DataError(f"global batch {global_batch} is not divisible by micro_batch x world_size = "
+                            f"{micro_batch} x {world_size}")
+        if samples_consumed % global_batch:
+            raise DataError(f"samples_consumed={samples_consumed} is not at a global-batch boundary "
+                            f"(global batch {global_batch})")
+        self.budget, self.global_batch, self.micro_batch = budget, global_batch, micro_batch
+        self.rank, self.world_size = rank, world_size
+        self.start_batch = samples_consumed // global_batch
+
+    def micro_batches(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(global batch, micro index, sample ids) in order, from the resume point to the end of the run."""
+        # Every rank yields the same number of micro-batches per global batch, so collectives stay matched; in a
+        # partial final batch some micro-batches are smaller or empty (weight losses by token count).
+        steps = self.global_batch // (self.micro_batch * self.world_size)
+        for b in range(self.start_batch, self.budget.num_batches(self.global_batch)):
+            share = self.budget.rank_slice(b, self.global_batch, self.rank, self.world_size)
+            for k in range(steps):
+                yield b, k, share[k * self.micro_batch: (k + 1) * self.micro_batch]
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        total = self.budget.plan.total_samples
+        for index, (b, k, ids) in enumerate(self.micro_batches()):
+            if index % workers == worker:
+                yield {"tokens": torch.from_numpy(self.budget.samples(ids)), "batch": b, "micro": k,
+                       "samples_end": min((b + 1) * self.global_batch, total)}

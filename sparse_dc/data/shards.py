@@ -1,0 +1,155 @@
+"""The on-disk format: Arrow IPC shards of token ids plus `manifest.json`, and a verified zero-copy reader.
+
+A shard is an Arrow IPC file with one column `tokens: list<uint16|uint32>`, one row per document; every document
+ends with EOS, so a shard's flat values buffer *is* its documents joined by EOS. Documents were written in a seeded
+order (`doc_order_seed` in the manifest), so the concatenation of all shards is the corpus in that order, and any
+prefix of it is a valid "first U tokens of a seeded document order".
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from sparse_dc.data.sources import DataError
+
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+FORMAT = "sparse-dc-shards/1"
+DTYPES = {"uint16": (np.uint16, pa.uint16()), "uint32": (np.uint32, pa.uint32())}
+
+
+def token_dtype_for(vocab_size: int, requested: str = "auto") -> str:
+    """uint16 when the vocabulary fits (ids < 65536), else uint32; a too-small requested dtype is an error."""
+    fits16 = vocab_size <= np.iinfo(np.uint16).max + 1
+    if requested == "auto":
+        return "uint16" if fits16 else "uint32"
+    if requested == "uint16" and not fits16:
+        raise DataError(f"vocab_size={vocab_size} does not fit dtype uint16: expected vocab_size <= 65536 "
+                        "(use --dtype uint32 or auto)")
+    if requested not in DTYPES:
+        raise DataError(f"dtype={requested!r}: expected auto, uint16 or uint32")
+    return requested
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        raise DataError(f"prepared data directory {directory!r} does not exist (run `sparse-dc data prepare`)")
+    if not os.path.isfile(path):
+        raise DataError(f"{directory!r} has no {MANIFEST}: expected a directory written by `sparse-dc data prepare`")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: corrupt manifest ({exc.msg} at line {exc.lineno})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+@dataclass
+class TokenStream:
+    """All documents of a prepared directory as one logical token array, read from memory-mapped shards.
+
+    `pieces[i]` is a zero-copy numpy view of one record batch's flat token values; `starts[i]` is its global offset.
+    `doc_ends` holds the global end offset of every document (for cutting the validation set at a boundary).
+    """
+
+    directory: str
+    manifest: dict
+    pieces: list[np.ndarray]
+    starts: np.ndarray  # int64 [n_pieces + 1]
+    doc_ends: np.ndarray  # int64 [n_documents]
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.manifest["tokenizer"]["eos_id"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    def read(self, start: int, out: np.ndarray) -> np.ndarray:
+        """Copy tokens [start, start + len(out)) into `out` (any integer dtype) and return it."""
+        end = start + len(out)
+        if start < 0 or end > self.total_tokens:
+            raise IndexError(f"token range [{start}, {end}) outside the stream of {self.total_tokens} tokens")
+        piece = int(np.searchsorted(self.starts, start, side="right")) - 1
+        filled = 0
+        while filled < len(out):
+            local = start + filled - int(self.starts[piece])
+            chunk = self.pieces[piece][local: local + len(out) - filled]
+            out[filled: filled + len(chunk)] = chunk
+            filled += len(chunk)
+            piece += 1
+        return out
+
+
+def open_stream(directory: str, verify: str = "checksum", tokenizer_path: str | None = None) -> TokenStream:
+    """Open a prepared directory, check every shard against the manifest, and map the tokens (zero copy).
+
+    verify="checksum" hashes every shard file (sha256); "size" checks byte sizes and Arrow lengths only (fast).
+    A tokenizer given by `tokenizer_path` must be the manifest's (same sha256).
+    """
+    manifest = read_manifest(directory)
+    tok = manifest["tokenizer"]
+    tok_path = os.path.join(directory, tok["file"])
+    if not os.path.isfile(tok_path) or sha256_file(tok_path) != tok["sha256"]:
+        raise DataError(f"{tok_path}: missing or not the manifest's tokenizer (sha256 {tok['sha256'][:12]}...)")
+    if tokenizer_path is not None and sha256_file(tokenizer_path) != tok["sha256"]:
+        raise DataError(f"tokenizer {tokenizer_path!r} is not the one {directory!r} was prepared with "
+                        f"(expected sha256 {tok['sha256'][:12]}...)")
+    np_dtype, _ = DTYPES[manifest["dtype"]]
+    pieces, starts, doc_ends, offset = [], [0], [], 0
+    for shard in manifest["shards"]:
+        path = os.path.join(directory, shard["file"])
+        if not os.path.isfile(path):
+            raise DataError(f"shard {path!r} listed in the manifest is missing")
+        size = os.path.getsize(path)
+        if size != shard["bytes"]:
+            raise DataError(f"shard {path!r} has {size} bytes, manifest says {shard['bytes']} (truncated or replaced)")
+        if verify == "checksum" and sha256_file(path) != shard["sha256"]:
+            raise DataError(f"shard {path!r} fails its sha256 check against the manifest (corrupt)")
+        try:
+            reader = ipc.open_file(pa.memory_map(path, "r"))
+            batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"shard {path!r} is not a readable Arrow IPC file ({exc})") from None
+        n_tokens = n_docs = 0
+        for batch in batches:
+            column = batch.column(0)
+            values = column.flatten().to_numpy(zero_copy_only=True)
+            if values.dtype != np_dtype:
+                raise DataError(f"shard {path!r} holds {values.dtype}, manifest says {manifest['dtype']}")
+            lengths = np.diff(column.offsets.to_numpy()).astype(np.int64)
+            doc_ends.append(offset + n_tokens + np.cumsum(lengths))
+            pieces.append(values)
+            starts.append(offset + n_tokens + len(values))
+            n_tokens += len(values)
+            n_docs += len(column)
+        if (n_tokens, n_docs) != (shard["tokens"], shard["documents"]):
+            raise DataError(f"shard {path!r} has {n_tokens} tokens / {n_docs} documents, manifest says "
+                            f"{shard['tokens']} / {shard['documents']}")
+        offset += n_tokens
+    if offset != manifest["total_tokens"]:
+        raise DataError(f"{directory!r}: shards hold {offset} tokens, manifest says {manifest['total_tokens']}")
+    ends = np.concatenate(doc_ends) if doc_ends else np.zeros(0, np.int64)
+    return TokenStream(directory, manifest, pieces, np.asarray(starts, np.int64), ends)

@@ -1,0 +1,133 @@
+"""Read documents from the inputs of `sparse-dc data prepare`: text, JSONL, parquet, or a saved HF dataset."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+from sparse_dc.errors import SparseDCError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+
+
+class DataError(SparseDCError):
+    """Bad data input: missing, empty, corrupt, or inconsistent files."""
+
+
+def _is_hf_dataset_dir(path: str) -> bool:
+    names = set(os.listdir(path))
+    return "dataset_dict.json" in names or ("state.json" in names and "dataset_info.json" in names)
+
+
+def expand_inputs(paths: list[str]) -> list[str]:
+    """Files and HF dataset dirs named by `paths` (folders are searched recursively, in sorted order)."""
+    if not paths:
+        raise DataError("no --input given: expected at least one file or directory (or --builtin)")
+    found: list[str] = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise DataError(f"input {path!r} does not exist")
+        if os.path.isdir(path) and _is_hf_dataset_dir(path):
+            found.append(path)
+        elif os.path.isdir(path):
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                if _is_hf_dataset_dir(dirpath):
+                    found.append(dirpath)
+                    dirnames.clear()
+                    continue
+                found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                          if f.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)]
+        else:
+            if not path.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES):
+                raise DataError(f"input {path!r}: expected a .txt/.md, .jsonl/.json, .parquet file "
+                                "or a saved HF datasets directory")
+            found.append(path)
+    if not found:
+        raise DataError(f"inputs {paths}: no .txt, .jsonl, .parquet files or HF dataset directories found")
+    return found
+
+
+def iter_documents(path: str, text_field: str = "text", doc_boundary: str = "file",
+                   split: str = "train") -> Iterator[str]:
+    """Yield the non-empty documents of one input.
+
+    Text files hold one document per file (`doc_boundary="file"`), per blank-line-separated block ("blankline")
+    or per line ("line"). JSONL and parquet rows and HF dataset rows give one document per row from `text_field`.
+    """
+    if os.path.isdir(path):
+        yield from _hf_documents(path, text_field, split)
+    elif path.endswith(JSONL_SUFFIXES):
+        yield from _jsonl_documents(path, text_field)
+    elif path.endswith(PARQUET_SUFFIXES):
+        yield from _parquet_documents(path, text_field)
+    else:
+        yield from _text_documents(path, doc_boundary)
+
+
+def _text_documents(path: str, doc_boundary: str) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"input {path!r} is not UTF-8 text (byte {exc.start})") from None
+    if doc_boundary == "file":
+        parts = [text]
+    elif doc_boundary == "line":
+        parts = text.splitlines()
+    else:
+        parts = [block for block in text.split("\n\n")]
+    for part in parts:
+        if part.strip():
+            yield part.strip()
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or text_field not in row:
+                raise DataError(f"{path}:{lineno}: expected an object with a {text_field!r} field "
+                                "(choose it with --text-field)")
+            if isinstance(row[text_field], str) and row[text_field].strip():
+                yield row[text_field]
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a non-parquet file
+        raise DataError(f"input {path!r} is not a readable parquet file ({type(exc).__name__})") from None
+    if text_field not in parquet.schema_arrow.names:
+        raise DataError(f"input {path!r}: no column {text_field!r}; columns are {parquet.schema_arrow.names} "
+                        "(choose one with --text-field)")
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and text.strip():
+                yield text
+
+
+def _hf_documents(path: str, text_field: str, split: str) -> Iterator[str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"HF dataset {path!r} has splits {list(loaded)}; expected split {split!r} (--split)")
+        loaded = loaded[split]
+    if text_field not in loaded.column_names:
+        raise DataError(f"HF dataset {path!r}: no column {text_field!r}; columns are {loaded.column_names} "
+                        "(choose one with --text-field)")
+    for text in loaded.select_columns([text_field]).iter(batch_size=4096):
+        for item in text[text_field]:
+            if isinstance(item, str) and item.strip():
+                yield item
