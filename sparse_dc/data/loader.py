@@ -112,6 +112,8 @@ class TokenBudget:
             raise IndexError(f"sample index outside [0, {self.plan.total_samples})")
         n = self.plan.unique_sequences
         epochs, positions = np.divmod(samples, n)
+        if len(samples) and epochs[0] == epochs[-1] == epochs.min():  # the common case: one epoch
+            return self._permutation(int(epochs[0]))[positions]
         out = np.empty_like(samples)
         for epoch in np.unique(epochs):
             where = epochs == epoch
@@ -122,10 +124,7 @@ class TokenBudget:
         """Pool sequences -> int64 tokens [len(ids), L]; `start` overrides the pool offset (validation)."""
         L = self.plan.seq_len
         base = self.plan.train_start if start is None else start
-        out = np.empty((len(sequence_ids), L), dtype=np.int64)
-        for row, seq in enumerate(sequence_ids):
-            self.stream.read(base + int(seq) * L, out[row])
-        return out
+        return self.stream.read_many(base + np.asarray(sequence_ids, dtype=np.int64) * L, L)
 
     def samples(self, samples: np.ndarray) -> np.ndarray:
         return self.read_sequences(self.sequence_ids(samples))
@@ -146,7 +145,10 @@ class TokenBudget:
         hi = min(lo + global_batch, self.plan.total_samples)
         if lo >= hi:
             raise IndexError(f"batch {batch} is past the end of the run ({self.num_batches(global_batch)} batches)")
-        return np.array_split(np.arange(lo, hi, dtype=np.int64), world_size)[rank]
+        # np.array_split's arithmetic: the first (size mod world) ranks get one extra sample.
+        base, extra = divmod(hi - lo, world_size)
+        start = lo + rank * base + min(rank, extra)
+        return np.arange(start, start + base + (rank < extra), dtype=np.int64)
 
     def validation_sequences(self) -> int:
         return self.plan.val_tokens // self.plan.seq_len

@@ -7,10 +7,11 @@ prefix of it is a valid "first U tokens of a seeded document order".
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,7 @@ from sparse_dc.data.sources import DataError
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 FORMAT = "sparse-dc-shards/1"
+SMALL_BATCH_ROWS = 16  # read_many switches to per-row slices at or below this many rows
 DTYPES = {"uint16": (np.uint16, pa.uint16()), "uint32": (np.uint32, pa.uint32())}
 
 
@@ -74,6 +76,10 @@ class TokenStream:
     pieces: list[np.ndarray]
     starts: np.ndarray  # int64 [n_pieces + 1]
     doc_ends: np.ndarray  # int64 [n_documents]
+    _window_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._starts_list = self.starts.tolist()  # Python ints: bisect on them is cheaper than numpy per call
 
     @property
     def total_tokens(self) -> int:
@@ -90,17 +96,52 @@ class TokenStream:
     def read(self, start: int, out: np.ndarray) -> np.ndarray:
         """Copy tokens [start, start + len(out)) into `out` (any integer dtype) and return it."""
         end = start + len(out)
-        if start < 0 or end > self.total_tokens:
+        if start < 0 or end > self._starts_list[-1]:
             raise IndexError(f"token range [{start}, {end}) outside the stream of {self.total_tokens} tokens")
-        piece = int(np.searchsorted(self.starts, start, side="right")) - 1
+        piece = bisect.bisect_right(self._starts_list, start) - 1
         filled = 0
         while filled < len(out):
-            local = start + filled - int(self.starts[piece])
+            local = start + filled - self._starts_list[piece]
             chunk = self.pieces[piece][local: local + len(out) - filled]
             out[filled: filled + len(chunk)] = chunk
             filled += len(chunk)
             piece += 1
         return out
+
+
+    def read_many(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Tokens [starts[i], starts[i] + length) for every i -> int64 [len(starts), length].
+
+        Vectorised: ranges inside one record batch (nearly all) are one fancy-index gather per batch; only the
+        few that straddle a batch boundary take the piecewise `read` path.
+        """
+        starts = np.asarray(starts, dtype=np.int64)
+        out = np.empty((len(starts), length), dtype=np.int64)
+        if len(starts) and (starts.min() < 0 or starts.max() + length > self.total_tokens):
+            raise IndexError(f"token ranges outside the stream of {self.total_tokens} tokens")
+        if len(starts) <= SMALL_BATCH_ROWS:
+            # Few rows: plain slices beat the vectorised path, whose ~10 small numpy calls cost more than the copy.
+            for row, start in enumerate(starts.tolist()):
+                self.read(start, out[row])
+            return out
+        piece = np.searchsorted(self.starts, starts, side="right") - 1
+        inside = starts + length <= self.starts[piece + 1]
+        first = int(piece[0]) if len(piece) else 0
+        groups = [first] if inside.all() and (piece == first).all() else np.unique(piece[inside]).tolist()
+        for p in groups:
+            rows = slice(None) if len(groups) == 1 and inside.all() else np.flatnonzero(inside & (piece == p))
+            # A strided [positions, length] window view over the piece: indexing its first axis copies whole
+            # contiguous rows (no n x length index array), fast for both short and long sequences.
+            out[rows] = self._windows(p, length)[starts[rows] - self.starts[p]]
+        for row in np.flatnonzero(~inside):
+            self.read(int(starts[row]), out[row])
+        return out
+
+    def _windows(self, piece: int, length: int) -> np.ndarray:
+        key = (piece, length)
+        if key not in self._window_cache:
+            self._window_cache[key] = np.lib.stride_tricks.sliding_window_view(self.pieces[piece], length)
+        return self._window_cache[key]
 
 
 def open_stream(directory: str, verify: str = "checksum", tokenizer_path: str | None = None) -> TokenStream:
