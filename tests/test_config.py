@@ -62,3 +62,22 @@ def test_fingerprint_changes_with_values():
     a = load_config(RunConfig)
     b = load_config(RunConfig, None, ["data.seed=7"])
     assert a.fingerprint() != b.fingerprint() and a.fingerprint() == load_config(RunConfig).fingerprint()
+
+
+def test_override_text_is_parsed_by_the_field_type():
+    from dataclasses import dataclass
+
+    from sparse_dc.config import Config
+
+    @dataclass(kw_only=True)
+    class Inner(Config):
+        preset: str = "tiny"
+        size: int = 1
+        maybe: str | None = "x"
+
+    @dataclass(kw_only=True)
+    class Outer(Config):
+        inner: Inner = None  # type: ignore[assignment]
+
+    cfg = Outer(inner=Inner()).with_overrides(["inner.preset=20m", "inner.size=20m", "inner.maybe=null"])
+    assert cfg.inner.preset == "20m" and cfg.inner.size == 20_000_000 and cfg.inner.maybe is None

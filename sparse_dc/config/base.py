@@ -58,8 +58,30 @@ def parse_scalar(text: str) -> Any:
     return text
 
 
+@dataclasses.dataclass(frozen=True)
+class _RawOverride:
+    """A CLI override's text, parsed only once the target field's type is known ('20m' stays a string for a
+    `str` field such as a preset name, and becomes 2e7 for a number)."""
+
+    text: str
+
+
+def _accepts_text(hint: Any, text: str) -> bool:
+    origin = get_origin(hint)
+    if hint is str:
+        return True
+    if origin is Literal:
+        return text in get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_accepts_text(option, text) for option in get_args(hint))
+    return False
+
+
 def _coerce(value: Any, hint: Any, path: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming `path`."""
+    if isinstance(value, _RawOverride):
+        parsed = parse_scalar(value.text)
+        value = value.text if parsed is not None and _accepts_text(hint, value.text) else parsed
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = get_args(hint)
@@ -159,7 +181,7 @@ class Config:
                 node = node[part]
             if parts[-1] not in node:
                 raise ConfigError(f"{key}: unknown field; expected one of {', '.join(sorted(node))}")
-            node[parts[-1]] = parse_scalar(raw)
+            node[parts[-1]] = _RawOverride(raw)
         return type(self).from_dict(data)
 
     def validate(self, path: str = "") -> None:
