@@ -31,12 +31,15 @@ def autotune_configs(kind: str, block_size: int) -> list[dict]:
     if INTERPRET:  # few, large steps: the interpreter costs ~1.5 ms per loop iteration
         return [dict(BLOCK_M=64, BLOCK_K=b, GROUP_M=8, num_warps=4, num_stages=1)] if kind == "dds" else \
             [dict(BLOCK_M=64, num_warps=4, num_stages=1)]
+    smem = 160 * 1024  # bytes of shared memory per block on A100 (H100: 228 KiB); estimated for 16-bit operands
     if kind == "dds":
-        cands = [(bm, bk, w, s) for bm in (64, 128, 256) for bk in (32, 64, 128) for w in (4, 8) for s in (3, 4)
-                 if bk <= b and bm * b <= 256 * 128 and not (bm == 256 and w == 4)]
+        cands = [(bm, bk, w, s) for bm in (64, 128, 256) for bk in (16, 32, 64, 128) for w in (4, 8)
+                 for s in (3, 4)
+                 if bk <= b and (bk >= 32 or b == 16) and bm * b <= 256 * 128 and not (bm == 256 and w == 4)
+                 and s * (bm * bk + bk * b) * 2 <= smem]
         return [dict(BLOCK_M=bm, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s) for bm, bk, w, s in cands]
     cands = [(bm, w, s) for bm in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-             if bm * b <= 128 * 128 and not (b == 128 and w == 4 and bm == 128)]
+             if bm * b <= 128 * 128 and not (b == 128 and w == 4 and bm == 128) and s * 2 * bm * b * 2 <= smem]
     return [dict(BLOCK_M=bm, num_warps=w, num_stages=s) for bm, w, s in cands]
 
 
