@@ -94,6 +94,7 @@ def dds(a: torch.Tensor, values: torch.Tensor, layout: BlockLayout, *, transpose
     if m == 0:
         return c
     values = values.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     n_out_blocks = n_c // b
     consts = _dtype_meta(a.dtype)
 

@@ -62,7 +62,7 @@ def test_empty_block_rows_and_columns():
     mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)  # row 1, column 1 empty
     layout = BlockLayout.from_block_mask(mask, 32)
     values = torch.randn(layout.nnz, 32, 32)
-    run_and_compare(torch.randn(33, 128), layout, values, torch.randn(96))
+    run_and_compare(torch.randn(33, 128), layout, values, torch.randn(192)[::2])  # strided bias
 
 
 @pytest.mark.parametrize("mask", [torch.ones(2, 3, dtype=torch.bool),  # fully dense
@@ -81,6 +81,7 @@ def test_empty_layout_gives_bias_and_zero_grads():
 def test_single_row_and_3d_and_noncontiguous_x():
     layout, values, _ = random_case(64, 96, 32, 0.5)
     run_and_compare(torch.randn(1, 96), layout, values)  # M = 1
+    run_and_compare(torch.randn(0, 96), layout, values)  # M = 0 (an empty micro-batch)
     run_and_compare(torch.randn(2, 3, 96), layout, values)  # 3-D x
     run_and_compare(torch.randn(96, 20).t(), layout, values)  # non-contiguous (transposed) x
 
