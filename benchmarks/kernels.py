@@ -9,7 +9,7 @@ blocks) and fwd+bwd (autograd). Throughput is per *useful* FLOP (2·M·N·K·den
     python benchmarks/kernels.py --m 8192 --block-sizes 128 --densities 0.5 0.0625
     python benchmarks/kernels.py --cpu-smoke            # tiny case, reference + Triton interpreter, JSON only
 
-Writes kernels_<device>.json (+ .png plot on GPU runs) with device name and torch/triton versions.
+Writes kernels_<device>.json and a .png plot with device name and torch/triton versions.
 """
 from __future__ import annotations
 
@@ -100,13 +100,14 @@ def dense_fns(x, dy, w) -> dict[str, Callable[[], object]]:
 def bsr_fns(x, dy, layout, values) -> dict[str, Callable[[], object]]:
     """torch.sparse BSR (its Triton kernels on CUDA): Y = (W·Xᵀ)ᵀ and dX = (Wᵀ·dYᵀ)ᵀ by bsr_dense_mm,
     dW by sampled_addmm at W's blocks. No autograd exists for it, so no fwd+bwd. Ops it refuses are skipped."""
-    from torch.sparse._triton_ops import bsr_dense_mm
+    from torch.sparse._triton_ops import bsr_dense_mm  # None where torch has no Triton (CPU builds)
 
+    mm = bsr_dense_mm if bsr_dense_mm is not None else torch.matmul  # CPU smoke: torch's generic BSR matmul
     b = layout.block_size
     w = layout.to_dense(values)
     w_bsr, wt_bsr = w.to_sparse_bsr((b, b)), w.t().contiguous().to_sparse_bsr((b, b))
     xt, dyt = x.t().contiguous(), dy.t().contiguous()
-    return {"forward": lambda: bsr_dense_mm(w_bsr, xt), "dX": lambda: bsr_dense_mm(wt_bsr, dyt),
+    return {"forward": lambda: mm(w_bsr, xt), "dX": lambda: mm(wt_bsr, dyt),
             "dW": lambda: torch.sparse.sampled_addmm(w_bsr, dyt, x, beta=0.0)}
 
 
@@ -125,7 +126,7 @@ def run_case(m, k, n, b, density, dtype, device, backend, timer, with_bsr) -> di
         for op, fn in fns.items():
             try:
                 row[f"{family}_{op}_ms"] = timer(fn)
-            except (RuntimeError, ValueError, NotImplementedError) as exc:
+            except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:  # e.g. BSR op refused
                 row[f"{family}_{op}_ms"] = None
                 row[f"{family}_{op}_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
     # Correctness of the timed kernels on these very operands (relative to max|dense result|).
@@ -162,7 +163,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Efficiency vs density, one panel per op, one line per (B, shape) averaged over M."""
+    """Efficiency vs density, one panel per op, one line per (backend, B, shape) averaged over M."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,11 +174,11 @@ def plot(rows: list[dict], path: str) -> None:
         series: dict[tuple, dict[float, list[float]]] = {}
         for r in rows:
             if r.get(f"{op}_efficiency") is not None:
-                key = (r["B"], r["K"], r["N"])
+                key = (r.get("backend", ""), r["B"], r["K"], r["N"])
                 series.setdefault(key, {}).setdefault(r["density"], []).append(r[f"{op}_efficiency"])
-        for (b, k, n), pts in sorted(series.items()):
+        for (backend, b, k, n), pts in sorted(series.items()):
             d = sorted(pts)
-            ax.plot(d, [sum(pts[x]) / len(pts[x]) for x in d], marker="o", label=f"B={b} {k}x{n}")
+            ax.plot(d, [sum(pts[x]) / len(pts[x]) for x in d], marker="o", label=f"{backend} B={b} {k}x{n}")
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(op)
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before sparse_dc.kernels.triton_ops is imported
         cases = [(m, k, n, b, d) for m in (64,) for k, n in ((128, 96),) for b in (32,) for d in (1.0, 0.5)]
-        device, dtype, backends, with_bsr = "cpu", torch.float32, ("reference", "triton"), False
+        device, dtype, backends, with_bsr = "cpu", torch.float32, ("reference", "triton"), True
     else:
         if not torch.cuda.is_available():
             print("No CUDA device: run with --cpu-smoke, or on a GPU machine.", file=sys.stderr)
@@ -239,9 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.join(args.out_dir, f"kernels_{name}.json")
     write_text_atomic(out, json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     print(f"wrote {out}")
-    if device == "cuda":
-        plot(rows, out[:-5] + ".png")
-        print(f"wrote {out[:-5]}.png")
+    plot(rows, out[:-5] + ".png")
+    print(f"wrote {out[:-5]}.png")
     return 0
 
 

@@ -13,6 +13,7 @@ def test_cpu_smoke_writes_json(tmp_path, capsys):
     assert bench.main(["--cpu-smoke", "--out-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "kernels_cpu_smoke.json").read_text())
     assert {"device", "torch", "triton"} <= set(result["meta"])
+    assert (tmp_path / "kernels_cpu_smoke.png").stat().st_size > 0
     rows = result["rows"]
     assert {r["backend"] for r in rows} == {"reference", "triton"} and len(rows) == 4
     for r in rows:
