@@ -20,6 +20,7 @@ import platform
 import re
 import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -105,7 +106,9 @@ def bsr_fns(x, dy, layout, values) -> dict[str, Callable[[], object]]:
     mm = bsr_dense_mm if bsr_dense_mm is not None else torch.matmul  # CPU smoke: torch's generic BSR matmul
     b = layout.block_size
     w = layout.to_dense(values)
-    w_bsr, wt_bsr = w.to_sparse_bsr((b, b)), w.t().contiguous().to_sparse_bsr((b, b))
+    with warnings.catch_warnings():  # "Sparse BSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        w_bsr, wt_bsr = w.to_sparse_bsr((b, b)), w.t().contiguous().to_sparse_bsr((b, b))
     xt, dyt = x.t().contiguous(), dy.t().contiguous()
     return {"forward": lambda: mm(w_bsr, xt), "dX": lambda: mm(wt_bsr, dyt),
             "dW": lambda: torch.sparse.sampled_addmm(w_bsr, dyt, x, beta=0.0)}
