@@ -123,7 +123,7 @@ def dense_grad_block_scores(x: torch.Tensor, dy: torch.Tensor, layout: BlockLayo
           f"x of shape [..., K_in={k_in}]", f"shape {tuple(getattr(x, 'shape', ()))}")
     check(isinstance(dy, torch.Tensor) and tuple(dy.shape) == (*x.shape[:-1], n_out),
           f"dy of shape {(*x.shape[:-1], n_out)}", f"shape {tuple(getattr(dy, 'shape', ()))}")
-    check(dy.dtype == x.dtype and x.is_floating_point(), f"x and dy of one floating dtype",
+    check(dy.dtype == x.dtype and x.is_floating_point(), "x and dy of one floating dtype",
           f"{x.dtype} and {dy.dtype}")
     check(x.device == dy.device == layout.device, f"x and dy on the layout's device {layout.device}",
           f"{x.device} and {dy.device}")

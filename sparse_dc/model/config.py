@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from sparse_dc.config.base import Config, ConfigError, parse_quantity
+from sparse_dc.config.base import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,6 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 
-def _quantity(name: str) -> float | None:
-    try:
-        return parse_quantity(name)
-    except ConfigError:
-        return None
-
-
 @dataclass(kw_only=True)
 class ModelConfig(Config):
     preset: str = "tiny"
@@ -68,12 +61,6 @@ class ModelConfig(Config):
     """RMSNorm epsilon."""
     init_std: float = 0.02
     """Std of the normal init; output projections (o, down) use init_std / sqrt(2 * n_layers) (GPT-2)."""
-
-    def __post_init__(self) -> None:
-        # A dotted CLI override `model.preset=20m` reaches us as '20000000' (the override parser reads '20m' as a
-        # quantity before the str field sees it): map such a number back to the preset it spells.
-        if self.preset not in PRESETS and str(self.preset).isdigit():
-            self.preset = next((name for name in PRESETS if _quantity(name) == float(self.preset)), self.preset)
 
     def validate(self, path: str = "") -> None:
         self.check(self.preset in PRESETS, path, "preset", f"one of {', '.join(PRESETS)}")

@@ -6,7 +6,6 @@ pipelined (cp.async) and uses wgmma on Hopper. Prints one JSON line per kernel; 
 Triton's ahead-of-time API differs from the one used here.
 """
 import json
-import re
 import sys
 
 import triton

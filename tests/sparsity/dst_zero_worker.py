@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparse_dc.model import ModelConfig, build_model
-from sparse_dc.sparsity import DSTEngine, SparseLinear, SparsityConfig, fix_deepspeed_state_after_load, optimizer_state
+from sparse_dc.sparsity import DSTEngine, SparsityConfig, fix_deepspeed_state_after_load, optimizer_state
 
 
 def mask_hash(engine: DSTEngine) -> list[int]:
