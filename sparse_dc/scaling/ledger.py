@@ -65,7 +65,7 @@ def runs_from_rows(rows: Iterable[Mapping[str, Any]], source: str = "runs") -> R
     for i, row in enumerate(rows, start=1):
         missing = [k for k in REQUIRED if row.get(k) in (None, "")]
         if missing:
-            raise LedgerError(f"{source}: run {i} is missing {', '.join(missing)}; "
+            raise LedgerError(f"{source}: run {i} ({row.get('name', '?')}) is missing {', '.join(missing)}; "
                               f"expected fields {', '.join(REQUIRED)} (active_params optional)")
         cols["name"].append(str(row["name"]))
         for key in REQUIRED[1:]:

@@ -108,7 +108,10 @@ def cross_validate(runs: Runs, form: str = "paper", procedure: str = "paper", k:
     pred = np.empty(len(runs))
     for f in tqdm(range(k), desc="cross-validation", unit="fold", disable=not progress):
         held = fold == f
-        pred[held] = fit_law(runs.subset(~held), form, procedure).predict(runs.subset(held))
+        try:
+            pred[held] = fit_law(runs.subset(~held), form, procedure).predict(runs.subset(held))
+        except FitError as exc:
+            raise FitError(f"{k}-fold CV, fold {f + 1} (fits on {int((~held).sum())} runs): {exc}") from None
     res = pred - runs.val_loss
     return {"k": k, "mae": float(np.abs(res).mean()), "rmse": float(np.sqrt((res ** 2).mean())),
             "mape": float(np.abs(res / runs.val_loss).mean()), "predictions": pred.tolist()}
