@@ -2,8 +2,9 @@
 
 Objective (the paper's, after Besiroglu et al. 2024): sum over runs of Huber_delta(log L_pred - log L_obs) with
 delta = 1e-3 and log L_pred written as logsumexp of the form's three terms. Each stage evaluates its whole grid of
-initial points in one vectorised numpy call (grid x runs), then runs scipy L-BFGS-B with exact forward-mode
-gradients (`dual.Dual`) from the best few points only, and keeps the best result.
+initial points in one vectorised numpy call (grid x runs), then polishes only the best few points with scipy
+(least_squares with the Huber loss, which is the same objective, or L-BFGS-B) using exact forward-mode
+Jacobians (`dual.Dual`), and keeps the best result.
 """
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def grid_starts(stage_grid: Mapping[str, tuple[float, ...]], free: tuple[str, ..
 def fit_stage(form: LawForm, runs: Runs, free: tuple[str, ...], current: Mapping[str, float],
               starts: np.ndarray, top_k: int = 3, delta: float = DELTA,
               solver: Solver = "lsq") -> tuple[dict[str, float], float]:
-    """Evaluate every start at once (G x n array), polish the `top_k` best with L-BFGS-B, keep the best."""
+    """Evaluate every start at once (G x n array), polish the `top_k` best locally, keep the best."""
     base = {k: v for k, v in current.items() if k not in free}
     grid_obj = np.empty(len(starts))
     chunk = max(1, 2_000_000 // max(len(runs), 1))  # bound the (chunk x n) temporaries to ~16 MB each

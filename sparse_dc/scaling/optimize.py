@@ -39,10 +39,10 @@ def predict_loss(form: LawForm, params: Mapping[str, float], active_params: Any,
 
 def _best_log_density(loss: Any, min_density: float) -> tuple[float, float]:
     """(log S, loss) minimising a vectorised loss(log S) over [log min_density, 0]: grid, then bounded polish."""
-    grid = np.linspace(np.log(min_density), 0.0, 401)
+    grid = np.linspace(0.0, np.log(min_density), 401)  # dense first: ties (density-blind forms) stay dense
     values = loss(grid)
     i = int(np.nanargmin(values))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    lo, hi = sorted((grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]))
     res = minimize_scalar(lambda t: float(loss(t)), bounds=(lo, hi), method="bounded", options={"xatol": 1e-7})
     return (float(res.x), float(res.fun)) if res.fun < values[i] else (float(grid[i]), float(values[i]))
 
@@ -73,7 +73,7 @@ def compute_optimal(form: LawForm, params: Mapping[str, float], compute: float, 
         return predict_loss(form, params, np.exp(log_n), unique_tokens, np.exp(log_c6 - log_n), np.exp(log_s))
 
     g_n = np.linspace(lo_n, hi_n, 481)[:, None]
-    g_s = np.linspace(np.log(min_density), np.log(max_density), 61)[None, :]
+    g_s = np.linspace(np.log(max_density), np.log(min_density), 61)[None, :]  # dense first: ties stay dense
     with np.errstate(all="ignore"):
         surface = loss(g_n, g_s)  # (481, 61)
     i, j = np.unravel_index(np.nanargmin(surface), surface.shape)

@@ -94,7 +94,7 @@ def optimal_density_vs_data(form: LawForm, params: Mapping[str, float], path: st
     for c in computes:
         dens = [compute_optimal(form, params, c, u, min_density)["density"] for u in budgets]
         ax.plot(budgets, dens, "o-", label=f"C={c:.0e}")
-    ax.set(xscale="log", yscale="log", xlabel="unique tokens U", ylabel="compute-optimal density",
+    ax.set(xscale="log", ylim=(0, 1.05), xlabel="unique tokens U", ylabel="compute-optimal density",
            title=f"{form.name} law")
     ax.legend(fontsize=8)
     return _save(fig, path)

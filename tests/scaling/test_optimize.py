@@ -62,3 +62,9 @@ def test_plan_snaps_to_a_paper_size_and_writes_a_valid_data_section():
     assert cfg["model"] == {"preset": p.preset} and cfg["sparsity"]["density"] == pytest.approx(p.density, abs=1e-6)
     with pytest.raises(PlanError, match="compute"):
         plan(LAW, PAPER, 1e9, 1e10)
+
+
+def test_density_blind_law_plans_dense():
+    """Chinchilla ignores density: every density ties, and the planner must then keep the model dense."""
+    p = plan(get_form("chinchilla"), CHINCHILLA, 1e9, 1e20)
+    assert p.density == 1.0 and p.optimum["density"] == 1.0
