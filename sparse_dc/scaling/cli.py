@@ -176,7 +176,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"recommended: model {result.preset} ({result.preset_dense_params:.3g} params), density "
               f"{result.density:.3f}, {result.tokens:.4g} tokens = {result.epochs:.2f} epochs, predicted loss "
               f"{result.loss:.4f}{ci}")
-        print(f"returns from repetition halve after {result.saturation_epochs:.1f} epochs at this size and density")
+        print(f"returns from repetition halve after {result.saturation_epochs:.1f} epochs at this size and density; "
+              f"ignoring compute, the loss-optimal density at this size and data is {result.loss_optimal_density:.3f}")
     if args.write_config:
         import yaml
 

@@ -58,6 +58,7 @@ class Dual:
 
 
 def value(x: Any) -> np.ndarray:
+    """The plain values of a Dual (or of an array / number)."""
     return x.v if isinstance(x, Dual) else np.asarray(x, dtype=float)
 
 

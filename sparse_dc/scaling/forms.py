@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from sparse_dc.errors import SparseDCError
+from sparse_dc.scaling.dual import value
 
 Params = Mapping[str, Any]
 
@@ -26,12 +27,8 @@ _RSTAR_FLOOR = 1e-3
 
 def logsumexp3(t1: Any, t2: Any, t3: Any) -> Any:
     """log(e^t1 + e^t2 + e^t3), stable; the shift is a constant so Dual derivatives stay exact."""
-    m = np.maximum(np.maximum(_val(t1), _val(t2)), _val(t3))
+    m = np.maximum(np.maximum(value(t1), value(t2)), value(t3))
     return np.log(np.exp(t1 - m) + np.exp(t2 - m) + np.exp(t3 - m)) + m
-
-
-def _val(x: Any) -> np.ndarray:
-    return getattr(x, "v", x)
 
 
 def single_epoch(x: Any) -> np.ndarray:

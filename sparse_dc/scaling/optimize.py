@@ -137,6 +137,8 @@ class Plan:
     """95% bootstrap interval of the preset's predicted loss; None without bootstrap samples."""
     saturation_epochs: float
     """diminishing_returns_epochs at the preset's size and density (half the value of a unique token)."""
+    loss_optimal_density: float
+    """For contrast: the density minimising loss for the preset at the same tokens, ignoring compute."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,7 +169,8 @@ def plan(form: LawForm, params: Mapping[str, float], unique_tokens: float, compu
     return Plan(compute=compute, unique_tokens=unique_tokens, optimum=optimum, preset=name,
                 preset_dense_params=n_dense, density=density, tokens=tokens, epochs=tokens / unique_tokens,
                 loss=float(predict_loss(form, params, *point)), loss_interval=interval,
-                saturation_epochs=diminishing_returns_epochs(form, params, n_dense * density, unique_tokens, density))
+                saturation_epochs=diminishing_returns_epochs(form, params, n_dense * density, unique_tokens, density),
+                loss_optimal_density=loss_optimal_density(form, params, n_dense, unique_tokens, tokens, min_density)[0])
 
 
 def training_config(p: Plan, name: str, seq_len: int = 256) -> dict[str, Any]:
