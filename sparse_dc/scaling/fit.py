@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 from scipy.optimize import least_squares, minimize
+from tqdm import tqdm
 
 from sparse_dc.errors import SparseDCError
 from sparse_dc.scaling.dual import Dual
@@ -194,8 +195,6 @@ def fit_law(runs: Runs, form: str | LawForm = "paper", procedure: Procedure = "p
         raise FitError(f"stages={procedure!r}: expected 'paper' or 'joint'")
     current = {k: float(v) for k, v in (start or law.init).items() if k in law.param_names}
     reports: list[dict[str, Any]] = []
-    from tqdm import tqdm
-
     bar = tqdm(total=len(law.stages) + (procedure == "joint"), desc=f"fit {law.name}", unit="stage",
                disable=not progress)
     for i, (stage, mask) in enumerate(zip(law.stages, stage_masks(law, runs))):

@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm import tqdm
 
 from sparse_dc.scaling.fit import FitError, FitResult, fit_law, fit_metrics, stage_masks
 from sparse_dc.scaling.forms import get_form
@@ -41,8 +42,6 @@ def bootstrap(runs: Runs, fit: FitResult, n: int, seed: int = 0, workers: int = 
     Returns one coefficient dict per resample (store it in `fit.bootstrap`). `workers` > 1 spreads the
     refits over processes (each refit is ~0.1 s of numpy, so this pays off from a few dozen resamples).
     """
-    from tqdm import tqdm
-
     jobs = [(runs, fit.form, fit.procedure, fit.params, seed * 1_000_003 + i) for i in range(n)]
     bar = tqdm(total=n, desc="bootstrap", unit="fit", disable=not progress)
     samples = []
@@ -96,8 +95,6 @@ def _score(law_name: str, params: Mapping[str, float], runs: Runs) -> dict[str, 
 def cross_validate(runs: Runs, form: str = "paper", procedure: str = "paper", k: int = 5, seed: int = 0,
                    progress: bool = False) -> dict[str, Any]:
     """k-fold CV (folds stratified like the bootstrap); each fold is a full fit with grids. Errors in loss units."""
-    from tqdm import tqdm
-
     if k < 2 or k > len(runs):
         raise FitError(f"cv={k}: expected 2 <= K <= number of runs ({len(runs)})")
     labels, rng = strata(runs, form), np.random.default_rng(seed)
