@@ -1,0 +1,183 @@
+"""Decisions from a law: loss-optimal density, compute-optimal (N, D, density), diminishing returns, a plan.
+
+Compute is C = 6 * N_active * D FLOPs (the paper's accounting: sparse weights cost nothing). Each optimum is a
+vectorised grid argmin followed by a bounded scipy polish, so it is at least as good as the grid.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+from typing import Any, Mapping
+
+import numpy as np
+from scipy.optimize import brentq, minimize, minimize_scalar
+
+from sparse_dc.errors import SparseDCError
+from sparse_dc.scaling.forms import LawForm
+
+# Dense-equivalent parameter counts the paper's fit used (model-sizes.md; tied embeddings, vocab 32000).
+# 20m and 40m are not in its table of counts: computed from their architecture the same way.
+MODEL_SIZES = {"20m": 1.14e7, "40m": 3.74e7, "60m": 8.0e7, "120m": 1.45e8, "240m": 2.68e8, "480m": 5.21e8,
+               "960m": 1.17e9, "1b92": 1.99e9, "3b84": 3.84e9}
+MIN_DENSITY = 0.0625  # the sparsest density the paper trained: the planner does not extrapolate beyond it
+
+
+class PlanError(SparseDCError):
+    """A planning request the law cannot answer (budget too small, bounds empty)."""
+
+
+def _inputs(n: Any, u: Any, d: Any, s: Any) -> SimpleNamespace:
+    n, u, d, s = np.broadcast_arrays(*(np.asarray(v, float) for v in (n, u, d, s)))
+    return SimpleNamespace(active_params=n, unique_tokens=u, tokens=d, density=s)
+
+
+def predict_loss(form: LawForm, params: Mapping[str, float], active_params: Any, unique_tokens: Any, tokens: Any,
+                 density: Any) -> np.ndarray:
+    """Loss at (N_active, U, D, S), all broadcast together."""
+    return form.predict(params, _inputs(active_params, unique_tokens, tokens, density))
+
+
+def _best_log_density(loss: Any, min_density: float) -> tuple[float, float]:
+    """(log S, loss) minimising a vectorised loss(log S) over [log min_density, 0]: grid, then bounded polish."""
+    grid = np.linspace(0.0, np.log(min_density), 401)  # dense first: ties (density-blind forms) stay dense
+    values = loss(grid)
+    i = int(np.nanargmin(values))
+    lo, hi = sorted((grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]))
+    res = minimize_scalar(lambda t: float(loss(t)), bounds=(lo, hi), method="bounded", options={"xatol": 1e-7})
+    return (float(res.x), float(res.fun)) if res.fun < values[i] else (float(grid[i]), float(values[i]))
+
+
+def loss_optimal_density(form: LawForm, params: Mapping[str, float], dense_params: float, unique_tokens: float,
+                         tokens: float, min_density: float = MIN_DENSITY) -> tuple[float, float]:
+    """(density, loss) minimising loss for a fixed dense-equivalent model and data (N_active = dense x S)."""
+    log_s, loss = _best_log_density(
+        lambda t: predict_loss(form, params, dense_params * np.exp(t), unique_tokens, tokens, np.exp(t)), min_density)
+    return float(np.exp(log_s)), loss
+
+
+def compute_optimal(form: LawForm, params: Mapping[str, float], compute: float, unique_tokens: float,
+                    min_density: float = MIN_DENSITY, max_density: float = 1.0) -> dict[str, float]:
+    """Minimise loss over (N_active, S) with D = C / (6 N_active) and U unique tokens.
+
+    Returns active_params, density, dense_params (= N_active / S), tokens, epochs (= D / U) and loss.
+    """
+    lo_n, hi_n = np.log(1e5), np.log(compute / 6 / 1e6)  # at least 1e5 active parameters and 1e6 tokens
+    if hi_n <= lo_n:
+        raise PlanError(f"compute={compute:.3g}: expected at least {6 * 1e5 * 1e6 * 10:.0e} FLOPs "
+                        "(1e5 parameters x 1e7 tokens)")
+    if not 0 < min_density <= max_density <= 1:
+        raise PlanError(f"density bounds [{min_density}, {max_density}]: expected 0 < min <= max <= 1")
+    log_c6 = np.log(compute / 6)
+
+    def loss(log_n: Any, log_s: Any) -> Any:
+        return predict_loss(form, params, np.exp(log_n), unique_tokens, np.exp(log_c6 - log_n), np.exp(log_s))
+
+    g_n = np.linspace(lo_n, hi_n, 481)[:, None]
+    g_s = np.linspace(np.log(max_density), np.log(min_density), 61)[None, :]  # dense first: ties stay dense
+    with np.errstate(all="ignore"):
+        surface = loss(g_n, g_s)  # (481, 61)
+    i, j = np.unravel_index(np.nanargmin(surface), surface.shape)
+    x0 = np.array([g_n[i, 0], g_s[0, j]])
+    res = minimize(lambda x: float(loss(x[0], x[1])), x0, method="L-BFGS-B",
+                   bounds=[(lo_n, hi_n), (np.log(min_density), np.log(max_density))],
+                   options={"ftol": 1e-15, "gtol": 1e-12})
+    log_n, log_s = (res.x if res.fun <= surface[i, j] else x0)
+    n, s = float(np.exp(log_n)), float(np.exp(log_s))
+    d = compute / 6 / n
+    return {"active_params": n, "density": s, "dense_params": n / s, "tokens": d, "epochs": d / unique_tokens,
+            "loss": float(loss(log_n, log_s))}
+
+
+def diminishing_returns_epochs(form: LawForm, params: Mapping[str, float], active_params: float,
+                               unique_tokens: float, density: float, fraction: float = 0.5,
+                               max_epochs: float = 1e3) -> float:
+    """Epochs after which one more repeated token lowers the loss by less than `fraction` of what a unique token
+    would at the same total (dL/dD at U fixed vs at U = D). Larger = saturation delayed; inf if never."""
+    h = 1e-4
+
+    def ratio(epochs: Any) -> Any:
+        d = unique_tokens * np.asarray(epochs, float)
+        repeated = (predict_loss(form, params, active_params, unique_tokens, d * np.exp(-h), density)
+                    - predict_loss(form, params, active_params, unique_tokens, d * np.exp(h), density))
+        fresh = (predict_loss(form, params, active_params, d, d, density)
+                 - predict_loss(form, params, active_params, d, d * np.exp(2 * h), density))
+        return repeated / fresh - fraction
+
+    grid = np.geomspace(1.0 + 2 * h, max_epochs, 400)
+    below = np.flatnonzero(ratio(grid) < 0)
+    if len(below) == 0:
+        return float("inf")
+    k = below[0]
+    return float(grid[0]) if k == 0 else float(brentq(lambda e: float(ratio(e)), grid[k - 1], grid[k], xtol=1e-6))
+
+
+def nearest_model_size(dense_params: float) -> str:
+    """The paper size name (model-sizes.md) closest to `dense_params` in log scale."""
+    return min(MODEL_SIZES, key=lambda name: abs(np.log(MODEL_SIZES[name] / dense_params)))
+
+
+@dataclass
+class Plan:
+    """What to train for a compute budget C and U unique tokens, from the law's optimum."""
+
+    compute: float
+    unique_tokens: float
+    optimum: dict[str, float]
+    """The continuous compute-optimal point: active_params, density, dense_params, tokens, epochs, loss."""
+    preset: str
+    """The paper model size nearest to the optimum's dense-equivalent size (what `train` can build)."""
+    preset_dense_params: float
+    density: float
+    """Best density for the preset under the same C and U."""
+    tokens: float
+    """Total tokens for the preset: C / (6 N_active), rounded down to a multiple of 256 (sequence length)."""
+    epochs: float
+    loss: float
+    loss_interval: tuple[float, float] | None
+    """95% bootstrap interval of the preset's predicted loss; None without bootstrap samples."""
+    saturation_epochs: float
+    """diminishing_returns_epochs at the preset's size and density (half the value of a unique token)."""
+    loss_optimal_density: float
+    """For contrast: the density minimising loss for the preset at the same tokens, ignoring compute."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan(form: LawForm, params: Mapping[str, float], unique_tokens: float, compute: float,
+         samples: list[Mapping[str, float]] | None = None, min_density: float = MIN_DENSITY,
+         seq_len: int = 256) -> Plan:
+    """Compute-optimal plan, snapped to the nearest paper model size, with the density re-optimised for it."""
+    if unique_tokens <= 0 or compute <= 0:
+        raise PlanError(f"unique_tokens={unique_tokens:.3g}, compute={compute:.3g}: expected positive values")
+    optimum = compute_optimal(form, params, compute, unique_tokens, min_density)
+    name = nearest_model_size(optimum["dense_params"])
+    n_dense = MODEL_SIZES[name]
+
+    log_s, _ = _best_log_density(lambda t: predict_loss(form, params, n_dense * np.exp(t), unique_tokens,
+                                                        compute / (6 * n_dense * np.exp(t)), np.exp(t)), min_density)
+    density = float(np.exp(log_s))
+    tokens = float(np.floor(compute / (6 * n_dense * density) / seq_len) * seq_len)
+    if tokens < seq_len:
+        raise PlanError(f"compute={compute:.3g}: too small to train the {name} model for one sequence")
+    point = (n_dense * density, unique_tokens, tokens, density)
+    interval = None
+    if samples:
+        stacked = {k: np.array([s[k] for s in samples]) for k in samples[0]}
+        preds = predict_loss(form, stacked, *point)
+        interval = (float(np.percentile(preds, 2.5)), float(np.percentile(preds, 97.5)))
+    return Plan(compute=compute, unique_tokens=unique_tokens, optimum=optimum, preset=name,
+                preset_dense_params=n_dense, density=density, tokens=tokens, epochs=tokens / unique_tokens,
+                loss=float(predict_loss(form, params, *point)), loss_interval=interval,
+                saturation_epochs=diminishing_returns_epochs(form, params, n_dense * density, unique_tokens, density),
+                loss_optimal_density=loss_optimal_density(form, params, n_dense, unique_tokens, tokens, min_density)[0])
+
+
+def training_config(p: Plan, name: str, seq_len: int = 256) -> dict[str, Any]:
+    """The `sparse-dc train` config for a plan. Kept in one place: the training config tree is still evolving
+    (sections `model` and `sparsity` are owned by other stages), so adjust only this function when it settles."""
+    return {"name": name,
+            "data": {"unique_tokens": int(p.unique_tokens), "seq_len": seq_len, "epochs": None,
+                     "total_tokens": int(p.tokens)},
+            "model": {"preset": p.preset},
+            "sparsity": {"density": round(p.density, 6)}}

@@ -1,0 +1,110 @@
+"""Figures of a law and its fit (matplotlib, headless). The file suffix picks the format: .png or .pdf.
+
+- predicted vs observed loss (fit runs, and held-out runs when given);
+- isoFLOP curves: loss vs active parameters along C = 6 N D, one panel per density;
+- isoLoss contours over (active parameters, total tokens) at one density;
+- optimal density vs the unique-data budget (compute-optimal, per compute budget).
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from sparse_dc.scaling.forms import LawForm
+from sparse_dc.scaling.ledger import Runs
+from sparse_dc.scaling.optimize import compute_optimal, predict_loss
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on clusters and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"  # keep the suffix: matplotlib picks the format from it
+    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    os.replace(tmp, path)
+    _pyplot().close(fig)
+    return path
+
+
+def predicted_vs_observed(form: LawForm, params: Mapping[str, float], runs: Runs, path: str,
+                          held_out: Runs | None = None) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    sets = [("fit", runs, "tab:blue")] + ([("held out", held_out, "tab:red")] if held_out is not None else [])
+    for label, r, color in sets:
+        ax.scatter(r.val_loss, form.predict(params, r), s=12, alpha=0.7, color=color, label=f"{label} ({len(r)})")
+    lo = min(float(r.val_loss.min()) for _, r, _ in sets)
+    hi = max(float(r.val_loss.max()) for _, r, _ in sets)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set(xlabel="observed validation loss", ylabel="predicted loss", title=f"{form.name} law")
+    ax.legend()
+    return _save(fig, path)
+
+
+def isoflop(form: LawForm, params: Mapping[str, float], unique_tokens: float, path: str,
+            computes: Sequence[float] = (1e18, 1e19, 1e20, 1e21),
+            densities: Sequence[float] = (1.0, 0.5, 0.25, 0.0625)) -> str:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(densities), figsize=(4 * len(densities), 3.6), sharey=True)
+    n = np.geomspace(1e6, 1e11, 300)
+    for ax, s in zip(np.atleast_1d(axes), densities):
+        for c in computes:
+            d = c / (6 * n)
+            keep = d >= 1e6
+            loss = predict_loss(form, params, n[keep], unique_tokens, d[keep], s)
+            line, = ax.plot(n[keep], loss, label=f"C={c:.0e}")
+            ax.plot(n[keep][np.argmin(loss)], loss.min(), "o", color=line.get_color())
+        ax.set(xscale="log", xlabel="active parameters N", title=f"density {s:g}, U={unique_tokens:.2g}")
+    np.atleast_1d(axes)[0].set_ylabel("predicted loss")
+    np.atleast_1d(axes)[-1].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def isoloss(form: LawForm, params: Mapping[str, float], unique_tokens: float, density: float, path: str) -> str:
+    plt = _pyplot()
+    n, d = np.meshgrid(np.geomspace(1e7, 1e10, 200), np.geomspace(1e8, 1e12, 200))
+    loss = predict_loss(form, params, n, unique_tokens, d, density)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    cs = ax.contour(n, d, loss, levels=14, cmap="viridis")
+    ax.clabel(cs, fontsize=7, fmt="%.2f")
+    for c in (1e18, 1e19, 1e20, 1e21):  # isoFLOP lines D = C / (6 N)
+        ax.plot(n[0], c / (6 * n[0]), "k:", lw=0.8)
+    ax.axhline(unique_tokens, color="tab:red", lw=1, label="U (one epoch)")
+    ax.set(xscale="log", yscale="log", xlim=(n.min(), n.max()), ylim=(d.min(), d.max()),
+           xlabel="active parameters N", ylabel="total tokens D", title=f"isoLoss, density {density:g}")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def optimal_density_vs_data(form: LawForm, params: Mapping[str, float], path: str,
+                            computes: Sequence[float] = (1e19, 1e20, 1e21),
+                            unique_range: tuple[float, float] = (1e8, 1e11), min_density: float = 0.0625) -> str:
+    plt = _pyplot()
+    budgets = np.geomspace(*unique_range, 13)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in computes:
+        dens = [compute_optimal(form, params, c, u, min_density)["density"] for u in budgets]
+        ax.plot(budgets, dens, "o-", label=f"C={c:.0e}")
+    ax.set(xscale="log", ylim=(0, 1.05), xlabel="unique tokens U", ylabel="compute-optimal density",
+           title=f"{form.name} law")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def all_plots(form: LawForm, params: Mapping[str, float], runs: Runs, out_dir: str, held_out: Runs | None = None,
+              suffix: str = "png") -> list[str]:
+    """Every figure for a fit, into `out_dir`; U for the law slices is the ledger's median unique budget."""
+    u = float(np.median(runs.unique_tokens))
+    return [predicted_vs_observed(form, params, runs, os.path.join(out_dir, f"pred_vs_obs.{suffix}"), held_out),
+            isoflop(form, params, u, os.path.join(out_dir, f"isoflop.{suffix}")),
+            isoloss(form, params, u, 0.5, os.path.join(out_dir, f"isoloss.{suffix}")),
+            optimal_density_vs_data(form, params, os.path.join(out_dir, f"optimal_density.{suffix}"))]

@@ -1,0 +1,110 @@
+"""Law forms: the paper preset against the formula computed by hand, reductions, gradients, vectorisation."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from sparse_dc.errors import SparseDCError
+from sparse_dc.scaling.dual import Dual
+from sparse_dc.scaling.forms import CHINCHILLA, MUENNIGHOFF, PAPER, find_preset, get_form
+
+
+def by_hand(N, U, D, S, p=PAPER):
+    """scaling-law.md written out literally in scalar math (independent of the vectorised implementation)."""
+    A, B, E, alpha = math.exp(p["a"]), math.exp(p["b"]), math.exp(p["e"]), p["alpha"]
+    beta = alpha
+    f = S ** p["eps"] + p["c"] * (1 - S) ** p["mu"]
+    G = (alpha * A * f / (beta * B)) ** (1 / (alpha + beta))
+    n_opt = lambda C: G * (C / 6) ** (beta / (alpha + beta))  # noqa: E731
+    c_of_d = lambda d: 6 * (G * d) ** ((alpha + beta) / alpha)  # noqa: E731
+    u_n = min(N, n_opt(c_of_d(U)))
+    r_n, r_d = max(N / u_n - 1, 0), max(D / U - 1, 0)
+    rn_star = p["g1"] * (1 + (1 - S) * p["c11"] - p["c21"] * (1 - S) ** 2)
+    rd_star = p["g2"] * (1 + (1 - S) * p["c12"] - p["c22"] * (1 - S) ** 2)
+    n_eff = u_n + u_n * rn_star * (1 - math.exp(-r_n / rn_star))
+    d_eff = U + U * rd_star * (1 - math.exp(-r_d / rd_star))
+    return E + A * f / n_eff ** alpha + B / d_eff ** beta
+
+
+def point(N, U, D, S):
+    return SimpleNamespace(active_params=np.array([N]), unique_tokens=np.array([U]), tokens=np.array([D]),
+                           density=np.array([S]))
+
+
+@pytest.mark.parametrize("N,U,D,S", [(1e8, 1e9, 4e9, 0.5), (9.6e8, 2.6e9, 2.08e10, 0.5), (3e9, 1e8, 1.6e9, 0.0625),
+                                     (5e7, 2e9, 2e9, 1.0), (2e9, 1e8, 3.2e9, 0.25)])
+def test_paper_preset_matches_formula_by_hand(N, U, D, S):
+    assert get_form("paper").predict(PAPER, point(N, U, D, S))[0] == pytest.approx(by_hand(N, U, D, S), rel=1e-12)
+
+
+def test_sanity_values_from_the_reference():
+    law = get_form("paper")
+    assert law.predict(PAPER, point(1e8, 1e9, 4e9, 0.5))[0] == pytest.approx(3.085263, abs=1e-6)
+    assert law.predict(PAPER, point(9.6e8, 2.6e9, 2.08e10, 0.5))[0] == pytest.approx(2.764905, abs=1e-6)
+
+
+def test_dense_single_epoch_reduces_to_chinchilla_form():
+    # N below U_N's cap G(1)^2 U = 7.2e7 (so R_N = 0): nothing is repeated, the law is E + A f(1)/N^a + B/U^b
+    N, U, alpha = 5e7, 1e9, PAPER["alpha"]
+    A, B, E = (math.exp(PAPER[k]) for k in ("a", "b", "e"))
+    expected = E + A * 1.0 / N ** alpha + B / U ** alpha  # f(1) = 1
+    assert get_form("paper").predict(PAPER, point(N, U, U, 1.0))[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_repetition_raises_loss_less_when_sparse():
+    """Delayed saturation: going from 1 to 16 epochs at fixed D hurts a sparse model less than a dense one."""
+    law = get_form("paper")
+    gap = {s: law.predict(PAPER, point(2e8 * s, 2e9 / 16, 2e9, s))[0] - law.predict(PAPER, point(2e8 * s, 2e9, 2e9, s))[0]
+           for s in (1.0, 0.5)}
+    assert 0 < gap[0.5] < gap[1.0]
+
+
+def test_muennighoff_ignores_density_and_chinchilla_ignores_repetition():
+    m = get_form("muennighoff")
+    assert m.predict(MUENNIGHOFF, point(1e8, 1e9, 4e9, 0.25)) == pytest.approx(m.predict(MUENNIGHOFF, point(1e8, 1e9, 4e9, 1.0)))
+    c = get_form("chinchilla")
+    A, B, E = (math.exp(CHINCHILLA[k]) for k in ("a", "b", "e"))
+    assert c.predict(CHINCHILLA, point(1e8, 1e9, 4e9, 0.5))[0] == pytest.approx(
+        E + A / 1e8 ** 0.34 + B / 4e9 ** 0.28, rel=1e-12)
+    # Muennighoff: repeated data is worth less than unique data of the same total
+    assert m.predict(MUENNIGHOFF, point(1e8, 1e9, 8e9, 1.0))[0] > m.predict(MUENNIGHOFF, point(1e8, 8e9, 8e9, 1.0))[0]
+
+
+def test_forms_vectorise_over_grids_of_parameters():
+    law = get_form("paper")
+    x = point(1e8, 1e9, 4e9, 0.5)
+    x = SimpleNamespace(**{k: np.repeat(v, 5) for k, v in vars(x).items()})
+    grid = {**PAPER, "alpha": np.array([[0.3], [0.33], [0.36]])}  # (3, 1) against 5 runs
+    out = law.predict(grid, x)
+    assert out.shape == (3, 5)
+    assert out[1, 0] == pytest.approx(law.predict({**PAPER, "alpha": 0.33}, x)[0])
+
+
+@pytest.mark.parametrize("form", ["paper", "muennighoff", "chinchilla"])
+def test_forward_mode_jacobian_matches_finite_differences(form):
+    law = get_form(form)
+    p = dict(law.presets[form])
+    rng = np.random.default_rng(0)
+    x = SimpleNamespace(active_params=np.exp(rng.uniform(17, 22, 40)), unique_tokens=np.exp(rng.uniform(18, 22, 40)),
+                        tokens=None, density=rng.choice([1.0, 0.5, 0.125], 40))
+    x.tokens = x.unique_tokens * rng.choice([1.0, 3.0, 16.0], 40)
+    names = list(p)
+    theta = np.array([p[k] for k in names])
+    jac = law.log_predict(dict(zip(names, Dual.seed(theta))), x).jacobian()
+    for k in range(len(names)):
+        h = 1e-6 * max(1.0, abs(theta[k]))
+        up, dn = theta.copy(), theta.copy()
+        up[k] += h
+        dn[k] -= h
+        fd = (law.log_predict(dict(zip(names, up)), x) - law.log_predict(dict(zip(names, dn)), x)) / (2 * h)
+        np.testing.assert_allclose(jac[k], fd, atol=1e-7, err_msg=names[k])
+
+
+def test_unknown_form_and_preset_are_one_line_errors():
+    with pytest.raises(SparseDCError, match="law form 'nope'"):
+        get_form("nope")
+    with pytest.raises(SparseDCError, match="preset 'nope' is unknown"):
+        find_preset("nope")
+    with pytest.raises(SparseDCError, match="missing"):
+        get_form("paper").check_params({"a": 1.0})
