@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from sparse_dc.scaling.fit import FitError, fit_law
-from sparse_dc.scaling.forms import CHINCHILLA, PAPER, get_form
+from sparse_dc.scaling.forms import CHINCHILLA, PAPER
 from sparse_dc.scaling.synthetic import synthetic_runs
 from sparse_dc.scaling.uncertainty import (
     bootstrap,
