@@ -1,0 +1,1 @@
+"""Launching runs: grids of training runs (`sweep`), locally or on SLURM."""

@@ -1,0 +1,164 @@
+"""Sweeps: expand a grid of config overrides into training runs, run them locally or submit them to SLURM.
+
+    grid = {"model.preset": ["20m", "40m"], "sparsity.density": [1.0, 0.5], "data.epochs": [1, 4]}
+
+Every run is `sparse-dc train --config BASE --resume auto name=<derived> key=value ...` and appends one row to the
+shared ledger when it finishes, so `sparse-dc law fit LEDGER` reads a sweep directly. Runs already in the ledger
+are skipped, and an interrupted run resumes from its newest checkpoint: re-running a sweep finishes it.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sparse_dc.config.base import load_config, parse_scalar
+from sparse_dc.config.run import RunConfig
+from sparse_dc.errors import SparseDCError
+from sparse_dc.train.ledger import read_ledger
+
+log = logging.getLogger(__name__)
+SLURM_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "launch", "slurm", "train.sbatch")
+# Short names for the fields that usually vary, so run names stay readable: 20m-d0.5-u100M-e4
+_TAGS = {"model.preset": "", "sparsity.density": "d", "sparsity.block_size": "b", "sparsity.method": "",
+         "data.unique_tokens": "u", "data.epochs": "e", "data.total_tokens": "D", "train.seed": "s"}
+
+
+class SweepError(SparseDCError):
+    """A grid that cannot be expanded or run."""
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    overrides: tuple[str, ...]  # dotted key=value, `name=` first
+    config: RunConfig  # the validated config the run will train with
+
+    def train_args(self, base_config: str) -> list[str]:
+        return ["--config", base_config, "--resume", "auto", *self.overrides]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and value >= 1000:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        for suffix, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+            if value >= scale and value % (scale // 10) == 0:
+                return f"{value / scale:g}{suffix}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_name(prefix: str, point: dict[str, Any]) -> str:
+    parts = [prefix] if prefix else []
+    for key, value in point.items():
+        tag = _TAGS.get(key, key.rsplit(".", 1)[-1] + "=")
+        parts.append(f"{tag}{_short(value)}")
+    return "-".join(parts).replace("/", "_")
+
+
+def parse_grid_args(items: list[str]) -> dict[str, list[Any]]:
+    """['sparsity.density=1,0.5', 'data.epochs=1,2,4'] -> {'sparsity.density': [1, 0.5], ...}."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise SweepError(f"grid axis {item!r}: expected key=v1,v2,... e.g. sparsity.density=1,0.5")
+        grid[key.strip()] = [parse_scalar(v) for v in values.split(",")]
+    return grid
+
+
+def expand(base_config: str | None, grid: dict[str, list[Any]], prefix: str = "",
+           extra: list[str] | None = None) -> list[Run]:
+    """Cartesian product of the grid; each point is validated as a full RunConfig before anything runs."""
+    if not grid:
+        raise SweepError("empty grid: expected at least one axis such as sparsity.density=1,0.5")
+    runs = []
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        point = dict(zip(keys, values))
+        name = run_name(prefix, point)
+        overrides = (f"name={name}", *(extra or []), *(f"{k}={_text(v)}" for k, v in point.items()))
+        # Validated now, so a bad grid value fails before the first run rather than mid-sweep.
+        runs.append(Run(name, overrides, load_config(RunConfig, base_config, list(overrides))))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise SweepError("two grid points map to the same run name: give each axis distinct values")
+    return runs
+
+
+def _text(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def finished(ledger: str) -> set[str]:
+    return {row.get("name") for row in read_ledger(ledger)} if os.path.exists(ledger) else set()
+
+
+def local_command(run: Run, base_config: str, nproc: int) -> list[str]:
+    """One process (no launcher: it sets up its own rendezvous) or torchrun with `nproc` ranks on this host."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "sparse_dc.train.cli", *run.train_args(base_config)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "sparse_dc.train.cli", *run.train_args(base_config)]
+
+
+def slurm_command(run: Run, base_config: str, sbatch_args: list[str]) -> list[str]:
+    return ["sbatch", f"--job-name={run.name}", *sbatch_args, os.path.abspath(SLURM_SCRIPT), base_config,
+            *run.overrides]
+
+
+def run_sweep(runs: list[Run], base_config: str, ledger: str, log_dir: str,
+              launcher: Literal["local", "slurm"] = "local", nproc: int = 1, sbatch_args: list[str] | None = None,
+              dry_run: bool = False, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Run (or submit) every run not yet in the ledger; returns {name: 'done'|'skipped'|'submitted'|'failed'}.
+
+    Local runs go one after another; each one's output is written to `log_dir/<name>.log`."""
+    done, status = finished(ledger), {}
+    todo = [r for r in runs if r.name not in done]
+    log.info("sweep: %d runs, %d already in %s, %d to %s", len(runs), len(runs) - len(todo), ledger, len(todo),
+             "submit" if launcher == "slurm" else "run")
+    for run in runs:
+        if run.name in done:
+            status[run.name] = "skipped"
+    for index, run in enumerate(todo, 1):
+        cmd = (slurm_command(run, base_config, sbatch_args or []) if launcher == "slurm"
+               else local_command(run, base_config, nproc))
+        log.info("[%d/%d] %s", index, len(todo), shlex.join(cmd))
+        if dry_run:
+            status[run.name] = "planned"
+            continue
+        status[run.name] = _execute(run, cmd, launcher, log_dir, env)
+    return status
+
+
+def _execute(run: Run, cmd: list[str], launcher: str, log_dir: str, env: dict[str, str] | None) -> str:
+    if launcher == "slurm":
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if result.returncode:
+            raise SweepError(f"sbatch failed for {run.name}: {result.stderr.strip() or result.stdout.strip()}")
+        log.info("  %s", result.stdout.strip())
+        return "submitted"
+    started = time.time()
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, f"{run.name}.log")
+    with open(log_path, "a") as sink:
+        result = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    if result.returncode:
+        log.error("  %s failed (exit %d): see %s", run.name, result.returncode, log_path)
+        return "failed"
+    log.info("  %s finished in %.0f s (log: %s)", run.name, time.time() - started, log_path)
+    return "done"
+
+
+def sweep_ledger(runs: list[Run]) -> str:
+    """The one ledger every run of the sweep appends to (a grid over train.ledger is refused)."""
+    ledgers = {r.config.train.ledger for r in runs}
+    if len(ledgers) != 1:
+        raise SweepError(f"the runs of one sweep must share a ledger; the grid gives {sorted(ledgers)}")
+    return ledgers.pop()
