@@ -1,1 +1,15 @@
-"""Block-sparse matmul kernels (Triton) and their torch reference path; installed as `sparse_dc.kernels`."""
+"""Block-sparse matmul kernels (Triton) and their torch reference path; installed as `sparse_dc.kernels`.
+
+    layout = BlockLayout.from_block_mask(mask, block_size)     # mask: bool [N_out//B, K_in//B]
+    values = layout.values_from_dense(weight)                  # [nnz, B, B]
+    y = block_sparse_linear(x, values, layout, bias)           # x [..., K_in] -> [..., N_out]
+    scores = dense_grad_block_scores(x, dy, layout)            # float32 [nbr, nbc], RigL growth
+
+Backends: see `sparse_dc.kernels.ops` (Triton on CUDA, torch reference on CPU, `backend=` to force).
+"""
+from .errors import BlockSparseError
+from .layout import SUPPORTED_BLOCK_SIZES, BlockLayout
+from .ops import BACKEND_ENV, BACKENDS, block_sparse_linear, dense_grad_block_scores
+
+__all__ = ["BACKEND_ENV", "BACKENDS", "SUPPORTED_BLOCK_SIZES", "BlockLayout", "BlockSparseError",
+           "block_sparse_linear", "dense_grad_block_scores"]

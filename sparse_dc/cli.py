@@ -13,6 +13,7 @@ from sparse_dc.errors import SparseDCError
 # command -> (module with main(argv), one-line help). Later stages register theirs here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("sparse_dc.data.cli", "prepare Arrow token shards; inspect a token-budget plan"),
+    "model": ("sparse_dc.model.cli", "exact parameter counts and FLOPs per token of the model presets"),
     "train": ("sparse_dc.train.cli", "train a sparse Llama with DeepSpeed ZeRO"),
     "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),
 }

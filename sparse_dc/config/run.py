@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from sparse_dc.config.base import Config
 from sparse_dc.data.config import DataConfig
+from sparse_dc.model.config import ModelConfig
+from sparse_dc.sparsity.config import SparsityConfig, check_block_divides
 
 
 @dataclass(kw_only=True)
@@ -23,7 +25,11 @@ class RunConfig(Config):
     output_dir: str = "runs"
     """Where run folders (checkpoints, metrics.jsonl, tensorboard) are created."""
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
     def validate(self, path: str = "") -> None:
         self.check(bool(self.name) and "/" not in self.name, path, "name", "a non-empty name without '/'")
         super().validate(path)
+        if self.sparsity.sparse:
+            check_block_divides(self.sparsity.block_size, self.model.shape().hidden_size)

@@ -1,0 +1,79 @@
+"""Parameter accounting and FLOPs: the one place logs, the ledger and the scaling law take N from.
+
+Definitions (paper convention: raw counts, embeddings included):
+- dense: every parameter of the dense-equivalent model (a sparse layer counts as its full out x in matrix),
+  token embedding and untied LM head included.
+- active: the non-zero (trainable, live) parameters: a sparse layer counts only its live entries/blocks.
+- *_non_embedding: the same without the token embedding and the LM head (vocab x d each); norms are included.
+A module takes part as a sparse layer by exposing `dense_numel` and `active_numel` (SparseLinear does).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from sparse_dc.model.config import ModelShape
+
+_EMBEDDING_PARAMS = ("embed.weight", "head.weight")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    dense: int
+    """Dense-equivalent parameters, embedding and head included (the ledger's `dense_params`)."""
+    active: int
+    """Non-zero parameters, embedding and head included (the ledger's `active_params`)."""
+    dense_non_embedding: int
+    active_non_embedding: int
+    embedding: int
+    """Token-embedding parameters (vocab x d)."""
+    head: int
+    """LM-head parameters (vocab x d, untied)."""
+
+    @property
+    def density(self) -> float:
+        """Active / dense over the non-embedding parameters (the sparse layers plus the small dense norms)."""
+        return self.active_non_embedding / self.dense_non_embedding
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def tally(entries: list[tuple[str, int, int]]) -> ParamCounts:
+    """Sum (name, dense numel, active numel) entries into ParamCounts; names in _EMBEDDING_PARAMS are embeddings."""
+    dense = sum(e[1] for e in entries)
+    active = sum(e[2] for e in entries)
+    by_name = {name: numel for name, numel, _ in entries}
+    embedding, head = by_name.get("embed.weight", 0), by_name.get("head.weight", 0)
+    emb_active = sum(e[2] for e in entries if e[0] in _EMBEDDING_PARAMS)
+    return ParamCounts(dense=dense, active=active, dense_non_embedding=dense - embedding - head,
+                       active_non_embedding=active - emb_active, embedding=embedding, head=head)
+
+
+def _numel(p: nn.Parameter) -> int:
+    # ZeRO-3 replaces a partitioned parameter's data by an empty placeholder; ds_numel keeps the full size
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def count_params(model: nn.Module) -> ParamCounts:
+    """Count a built model (works on meta tensors and under ZeRO-3 partitioning)."""
+    entries: list[tuple[str, int, int]] = []
+    sparse_prefixes = []
+    for name, module in model.named_modules():
+        if hasattr(module, "active_numel") and hasattr(module, "dense_numel"):
+            entries.append((name, int(module.dense_numel), int(module.active_numel)))
+            sparse_prefixes.append(name + ".")
+    for name, p in model.named_parameters():
+        if not any(name.startswith(prefix) for prefix in sparse_prefixes):
+            entries.append((name, _numel(p), _numel(p)))
+    return tally(entries)
+
+
+def flops_per_token(counts: ParamCounts, shape: ModelShape, seq_len: int, active: bool = True) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), PaLM appendix B / nanoGPT estimate_mfu:
+    6 x (matmul parameters: non-embedding + LM head) + 12 x n_layers x d x seq_len for attention scores
+    (causal masking not discounted). `active=True` counts only live sparse weights (the block-sparse kernels'
+    work); `active=False` counts dense-equivalent work (what an unstructured B = 1 run actually executes)."""
+    matmul = (counts.active_non_embedding if active else counts.dense_non_embedding) + counts.head
+    return 6.0 * matmul + 12.0 * shape.n_layers * shape.hidden_size * seq_len

@@ -1,0 +1,71 @@
+"""Config of the sparsity stage: granularity, initial per-layer densities, and the dynamic-sparse-training schedule.
+
+Defaults follow the paper's scripts (reference/model-sizes.md): SET, prune rate 0.1 with cosine decay, topology
+update every 100 steps, uniform init, zero re-init of regrown weights, attention/MLP density ratio 1.0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sparse_dc.config.base import Config, ConfigError
+
+PROJECTION_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+BLOCK_SIZES = (1, 16, 32, 64, 128)
+
+
+@dataclass(kw_only=True)
+class SparsityConfig(Config):
+    density: float = 1.0
+    """Global fraction of live weights over the sparse projections, in (0, 1]; 1.0 = a dense model."""
+    block_size: int = 1
+    """1 = unstructured (dense weight x {0,1} mask, the paper's setting); 16/32/64/128 = block-sparse kernels,
+    where weights, gradients and optimizer state scale with density. B must divide hidden_size; the SwiGLU
+    width is rounded up to a multiple of B."""
+    targets: list[str] = field(default_factory=lambda: list(PROJECTION_KINDS))
+    """Which block projections are sparse (q, k, v, o, gate, up, down); embedding and LM head stay dense."""
+    distribution: Literal["uniform", "erk", "am_ratio"] = "uniform"
+    """How the global density is split over layers: same density everywhere; Erdős–Rényi-Kernel (density
+    proportional to ((in + out) / (in x out)) ** erk_power_scale); or attention/MLP density ratio `am_ratio`."""
+    erk_power_scale: float = 1.0
+    """ERK exponent (RigL's `erk_power_scale`; 0 gives uniform)."""
+    am_ratio: float = 1.0
+    """Attention density / MLP density for distribution=am_ratio (the paper's scripts: 1.0)."""
+    method: Literal["static", "set", "rigl"] = "set"
+    """static: fixed topology; set: drop smallest magnitude, grow random; rigl: drop smallest magnitude, grow
+    the largest dense-gradient scores."""
+    update_frequency: int = 100
+    """Optimizer steps between topology updates."""
+    prune_rate: float = 0.1
+    """Fraction of each layer's live entries/blocks replaced at an update, before decay; in [0, 1)."""
+    prune_rate_decay: Literal["cosine", "constant", "linear"] = "cosine"
+    """Decay of the prune rate from `prune_rate` at step 0 to 0 at the stop step."""
+    stop_fraction: float = 0.75
+    """Topology updates stop after this fraction of the run's optimizer steps, in (0, 1]."""
+    seed: int = 0
+    """Seeds the initial topology and SET's random growth (same on every rank)."""
+
+    def validate(self, path: str = "") -> None:
+        self.check(0.0 < self.density <= 1.0, path, "density", "a number in (0, 1]")
+        self.check(self.block_size in BLOCK_SIZES, path, "block_size", f"one of {', '.join(map(str, BLOCK_SIZES))}")
+        self.check(len(self.targets) > 0 and all(t in PROJECTION_KINDS for t in self.targets), path, "targets",
+                   f"a non-empty list of {', '.join(PROJECTION_KINDS)}")
+        self.check(len(set(self.targets)) == len(self.targets), path, "targets", "no repeated projection")
+        self.check(self.erk_power_scale >= 0, path, "erk_power_scale", "a number >= 0")
+        self.check(self.am_ratio > 0, path, "am_ratio", "a number > 0")
+        self.check(self.update_frequency >= 1, path, "update_frequency", "an integer >= 1")
+        self.check(0.0 <= self.prune_rate < 1.0, path, "prune_rate", "a number in [0, 1)")
+        self.check(0.0 < self.stop_fraction <= 1.0, path, "stop_fraction", "a number in (0, 1]")
+        super().validate(path)
+
+    @property
+    def sparse(self) -> bool:
+        """Whether any layer is sparse (density < 1)."""
+        return self.density < 1.0
+
+
+def check_block_divides(block_size: int, hidden_size: int, path: str = "sparsity") -> None:
+    """Block-sparse layers need B | hidden_size (the SwiGLU width is rounded up instead); ConfigError otherwise."""
+    if block_size > 1 and hidden_size % block_size:
+        raise ConfigError(f"{path}.block_size={block_size}: expected a divisor of model hidden_size={hidden_size} "
+                          f"(block-sparse layers tile both dims of every projection)")

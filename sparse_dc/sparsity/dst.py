@@ -1,0 +1,140 @@
+"""Dynamic sparse training: the engine that updates every SparseLinear's topology on schedule.
+
+The training loop calls, for each optimizer step s = 1, 2, ... (s counts completed optimizer steps):
+
+    dst.begin_step(s)      # RigL: arms dense-gradient capture when s is an update step (no cost otherwise)
+    ... forward / backward over the micro-batches, optimizer step ...
+    dst.end_step(s)        # applies the topology update if s is an update step; returns its stats or None
+
+An update (SET or RigL, Evci et al. 2020 / Mocanu et al. 2018) drops, in every layer, the
+round(rate(s) x live units) live units of smallest magnitude (|w| or block Frobenius norm of the fp32 master
+weights) and grows as many dead units: random ones (SET) or those of largest dense-gradient score (RigL; B = 1:
+|sum of dL/dW|, blocks: sum of per-backward ‖dYᵀX‖_F from the kernels' probe), summed over ranks. Regrown units
+start at 0 and the moments of dropped and grown units are reset through the optimizer-state accessor.
+
+Identical topology on every rank: SET draws from a generator keyed by (seed, step, layer), RigL's scores are
+all-reduced, and the decided masks are then broadcast from rank 0, so ranks agree even if reductions differ in
+the last bit. Checkpoint state: `state_dict()` (seed, last update, ever-active masks, last stats); the masks
+themselves are module buffers in the model's state dict.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparse_dc.errors import SparseDCError
+from sparse_dc.sparsity.config import SparsityConfig
+from sparse_dc.sparsity.layer import SparseLinear
+from sparse_dc.sparsity.optim_state import OptimizerState, TorchOptimizerState
+from sparse_dc.sparsity.topology import drop_grow, prune_rate_at, unit_generator
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class DSTEngine:
+    def __init__(self, model: nn.Module, cfg: SparsityConfig, total_steps: int,
+                 state: OptimizerState | None = None):
+        """`model`: the module holding the SparseLinear layers (for DeepSpeed, engine.module); `total_steps`:
+        the run's optimizer steps (the stop step is stop_fraction x total_steps); `state`: the accessor from
+        `optimizer_state(optimizer or engine)` (None = parameters only, no moments to reset)."""
+        if total_steps < 1:
+            raise SparseDCError(f"total_steps={total_steps}: expected an integer >= 1")
+        self.cfg, self.total_steps = cfg, total_steps
+        self.stop_step = int(cfg.stop_fraction * total_steps)
+        self.state = state if state is not None else TorchOptimizerState(None)
+        self.layers: dict[str, SparseLinear] = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+        self.ever_active = {n: m.unit_mask().cpu().clone() for n, m in self.layers.items()}
+        self.last_update_step = 0
+        self.last_changed: dict[str, float] = {n: 0.0 for n in self.layers}
+
+    # --- schedule ---------------------------------------------------------------------------------------
+    def prune_rate(self, step: int) -> float:
+        return prune_rate_at(step, self.cfg.prune_rate, self.stop_step, self.cfg.prune_rate_decay)
+
+    def is_update_step(self, step: int) -> bool:
+        return (self.cfg.method != "static" and bool(self.layers) and step % self.cfg.update_frequency == 0
+                and self.prune_rate(step) > 0)
+
+    def begin_step(self, step: int) -> None:
+        if self.cfg.method == "rigl" and self.is_update_step(step):
+            for layer in self.layers.values():
+                layer.arm_scores(True)
+
+    def end_step(self, step: int) -> dict[str, Any] | None:
+        if not self.is_update_step(step):
+            return None
+        return self.update(step)
+
+    # --- the update -------------------------------------------------------------------------------------
+    def update(self, step: int) -> dict[str, Any]:
+        """Drop/grow every layer at `step` (collective under DeepSpeed/torch.distributed: all ranks call it)."""
+        rate = self.prune_rate(step)
+        for index, (name, layer) in enumerate(self.layers.items()):
+            old = layer.unit_mask()
+            magnitude = layer.unit_magnitude(self.state.get_param(layer.param).to(old.device))
+            grow_score = self._grow_score(layer, step, index)
+            n = round(rate * int(old.sum()))
+            new = drop_grow(old, magnitude.to(old.device), grow_score.to(old.device), n)
+            if _distributed():  # rank 0's decision is the decision
+                flat = new.to(torch.uint8)
+                dist.broadcast(flat, src=0)
+                new = flat.bool()
+            reset = layer.set_topology(new)
+            # B = 1: zero the dropped entries in the weight; blocks: zero the grown slots' values. Moments of
+            # both reset, so the optimizer neither moves a pruned weight nor carries stale momentum into a
+            # regrown one.
+            self.state.zero_entries(layer.param, reset)
+            changed = int((old & ~new).sum())
+            self.last_changed[name] = changed / max(1, int(old.sum()))
+            self.ever_active[name] |= new.cpu()
+        self.last_update_step = step
+        return self.stats(step)
+
+    def _grow_score(self, layer: SparseLinear, step: int, index: int) -> torch.Tensor:
+        shape = layer.unit_mask().shape
+        if self.cfg.method == "set":
+            return torch.rand(shape, generator=unit_generator(self.cfg.seed, step, index))
+        scores = layer.take_scores()
+        if scores is None:
+            raise SparseDCError(f"RigL update at step {step} found no captured gradients for a layer: call "
+                                "dst.begin_step(step) before that step's forward/backward")
+        if _distributed():
+            dist.all_reduce(scores)
+        return scores.abs()
+
+    # --- statistics and checkpoint state ----------------------------------------------------------------
+    def stats(self, step: int | None = None) -> dict[str, Any]:
+        """Scalars for logs: global density over sparse layers, fraction of live units changed at the last
+        update, fraction of units ever active, and per-layer densities."""
+        live = {n: int(m.unit_mask().sum()) for n, m in self.layers.items()}
+        units = {n: m.unit_mask().numel() for n, m in self.layers.items()}
+        total, total_units = sum(live.values()), max(1, sum(units.values()))
+        return {
+            "step": self.last_update_step if step is None else step,
+            "prune_rate": self.prune_rate(self.last_update_step if step is None else step),
+            "density": total / total_units,
+            "changed_fraction": sum(self.last_changed[n] * live[n] for n in live) / max(1, total),
+            "ever_active_fraction": sum(int(e.sum()) for e in self.ever_active.values()) / total_units,
+            "layer_density": {n: live[n] / units[n] for n in live},
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.cfg.seed, "method": self.cfg.method, "last_update_step": self.last_update_step,
+                "ever_active": {n: e.clone() for n, e in self.ever_active.items()},
+                "last_changed": dict(self.last_changed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.cfg.seed or state["method"] != self.cfg.method:
+            raise SparseDCError(f"DST checkpoint has seed={state['seed']}, method={state['method']!r}; the config "
+                                f"has seed={self.cfg.seed}, method={self.cfg.method!r}: expected them to match")
+        if set(state["ever_active"]) != set(self.layers):
+            raise SparseDCError("DST checkpoint's sparse layers differ from the model's: expected the same "
+                                "model/sparsity config")
+        self.last_update_step = int(state["last_update_step"])
+        self.ever_active = {n: e.clone().bool().cpu() for n, e in state["ever_active"].items()}
+        self.last_changed = dict(state["last_changed"])

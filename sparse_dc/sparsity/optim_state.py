@@ -1,0 +1,120 @@
+"""Optimizer-state accessor: read and write a parameter and its optimizer moments as full fp32 tensors.
+
+The DST engine resets regrown weights and their Adam moments through this small interface, so the same code works
+with a plain torch optimizer and under DeepSpeed ZeRO 1, 2 and 3 (where the fp32 master weights and the moments
+are partitioned across ranks and the module's parameter may be a low-precision copy or, under ZeRO 3, an empty
+placeholder). This is the only module of `sparse_dc.sparsity` that knows about DeepSpeed; it imports it lazily.
+
+Under DeepSpeed every method is a collective (all-gather / all-reduce inside DeepSpeed's safe_get/safe_set
+helpers): every rank must call them for the same parameters in the same order.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+# Per-parameter optimizer states that have the parameter's shape and must be reset with it (Adam/AdamW).
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class OptimizerState(Protocol):
+    def get_param(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """A full fp32 copy of the parameter (the optimizer's master weights where they exist)."""
+
+    def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True) -> None:
+        """Set p[where] = 0 in the parameter (when `param`, in the model copy and the fp32 master) and in every
+        moment; `where` is a bool mask of p's shape or long indices into p's first dim."""
+
+
+class TorchOptimizerState:
+    """A plain torch optimizer (or None: the parameters only, e.g. before any optimizer exists)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None):
+        self.optimizer = optimizer
+
+    def get_param(self, p: torch.nn.Parameter) -> torch.Tensor:
+        return p.detach().float().clone()
+
+    @torch.no_grad()
+    def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True) -> None:
+        if param:
+            p[where] = 0
+        state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+        for key in MOMENT_KEYS:
+            if torch.is_tensor(state.get(key)) and state[key].shape == p.shape:
+                state[key][where] = 0
+
+
+class DeepSpeedOptimizerState:
+    """A DeepSpeed engine under ZeRO 1, 2 or 3 (fp32, bf16 or fp16), through deepspeed.utils.safe_get/set_*."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def _moment_keys(self, p: torch.nn.Parameter) -> list[str]:
+        if hasattr(p, "ds_id"):  # ZeRO 3: moments exist once the inner optimizer has stepped
+            inner = getattr(self.engine.optimizer, "optimizer", None)
+            state = next(iter(inner.state.values()), {}) if inner is not None and inner.state else {}
+            return [k for k in MOMENT_KEYS if k in state]
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None or not mapping.optim_fragment:  # before the first step, or after the load bug
+            return []
+        return [k for k in MOMENT_KEYS if k in mapping.get_optim_state_keys()]
+
+    def get_param(self, p: torch.nn.Parameter) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(p)
+        return (full if full is not None else p.detach()).float().reshape(self._shape(p)).clone()
+
+    @staticmethod
+    def _shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+        return tuple(getattr(p, "ds_shape", p.shape))
+
+    @torch.no_grad()
+    def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True) -> None:
+        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+        if param:
+            full = safe_get_full_fp32_param(p)
+            if full is not None:  # the fp32 master, which the next step copies into the model's copy
+                full = full.reshape(self._shape(p)).clone()
+                full[where] = 0
+                safe_set_full_fp32_param(p, full)
+            self._zero_model_copy(p, where)
+        for key in self._moment_keys(p):
+            moment = safe_get_full_optimizer_state(p, key).reshape(self._shape(p)).clone()
+            moment[where] = 0
+            safe_set_full_optimizer_state(p, moment, key)
+
+    @staticmethod
+    def _zero_model_copy(p: torch.nn.Parameter, where: torch.Tensor) -> None:
+        """Zero the model's (possibly low-precision) copy, which the next forward reads before any step."""
+        if hasattr(p, "ds_id"):  # ZeRO 3: gather the partitions, edit on every rank, re-partition
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data[where] = 0
+        else:
+            p.data[where] = 0
+
+
+def optimizer_state(optimizer_or_engine: Any) -> OptimizerState:
+    """The accessor for a torch optimizer, a DeepSpeed engine, or None (parameters only)."""
+    if type(optimizer_or_engine).__module__.startswith("deepspeed"):
+        return DeepSpeedOptimizerState(optimizer_or_engine)
+    if optimizer_or_engine is None or isinstance(optimizer_or_engine, torch.optim.Optimizer):
+        return TorchOptimizerState(optimizer_or_engine)
+    raise TypeError(f"Expected a torch optimizer, a DeepSpeed engine or None. Got {type(optimizer_or_engine)}.")
+
+
+def fix_deepspeed_state_after_load(engine: Any) -> None:
+    """DeepSpeed 0.19.8 bug: after load_checkpoint under ZeRO 1/2, safe_get/set optimizer-state helpers raise
+    TypeError (the fragments' optim state is unlinked). Re-link it; harmless under ZeRO 3. Call on every rank
+    right after engine.load_checkpoint()."""
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
