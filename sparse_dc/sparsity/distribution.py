@@ -46,8 +46,10 @@ def solve_densities(units: list[int], raw: list[float], density: float) -> list[
     while True:
         budget = target - sum(units[i] for i in dense)
         free = [i for i in range(len(units)) if i not in dense]
+        if not free:
+            return [1.0] * len(units)
         eps = budget / sum(raw[i] * units[i] for i in free)
-        over = {i for i in free if eps * raw[i] > 1.0}
+        over = {i for i in free if eps * raw[i] > 1.0 + 1e-12}
         if not over:
             return [1.0 if i in dense else eps * raw[i] for i in range(len(units))]
         dense |= over

@@ -75,7 +75,7 @@ class DSTEngine:
         """Drop/grow every layer at `step` (collective under DeepSpeed/torch.distributed: all ranks call it)."""
         rate = self.prune_rate(step)
         for index, (name, layer) in enumerate(self.layers.items()):
-            old = layer.unit_mask()
+            old = layer.unit_mask().clone()
             magnitude = layer.unit_magnitude(self.state.get_param(layer.param).to(old.device))
             grow_score = self._grow_score(layer, step, index)
             n = round(rate * int(old.sum()))

@@ -105,7 +105,7 @@ class SparseLinear(nn.Module):
         reset to 0: a bool mask over `weight` (dropped | grown entries) for B = 1, or the grown slots (long
         indices into `values`' first dim) for blocks. Does not touch the parameter itself."""
         new_mask = new_mask.to(self.unit_mask().device)
-        old = self.unit_mask()
+        old = self.unit_mask().clone()  # B = 1: the mask buffer itself, overwritten below
         if int(new_mask.sum()) != int(old.sum()):
             raise ValueError(f"Expected {int(old.sum())} live units in the new topology. Got {int(new_mask.sum())}.")
         if self.block_size == 1:
@@ -142,8 +142,12 @@ class SparseLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         y = block_sparse_linear(x2, self.values, layout)
         if self._scores is not None and y.requires_grad:
-            scores = self._scores
-            y.register_hook(lambda dy: scores.add_(dense_grad_block_scores(x2.detach(), dy, layout)))
+            scores, x_saved = self._scores, x2.detach()
+
+            def accumulate(dy: torch.Tensor) -> None:  # observes dy, leaves it unchanged
+                scores.add_(dense_grad_block_scores(x_saved, dy, layout))
+
+            y.register_hook(accumulate)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
