@@ -72,7 +72,8 @@ class ScheduleConfig(Config):
 @dataclass(kw_only=True)
 class DeepSpeedConfig(Config):
     zero_stage: int = 2
-    """ZeRO stage 0 (plain data parallel), 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)."""
+    """ZeRO stage 1 (optimizer state partitioned), 2 (+ gradients) or 3 (+ parameters). Stage 0 is not offered:
+    the DST moment resets go through ZeRO's optimizer-state helpers, and stage 1 costs nothing extra."""
     overlap_comm: bool = False
     """Overlap gradient reduction with backward (helps on GPU clusters; off keeps CPU runs simple)."""
     reduce_bucket_size: int = 500_000_000
@@ -83,7 +84,7 @@ class DeepSpeedConfig(Config):
     """Raw DeepSpeed JSON merged last (recursively) over the generated config, for knobs not modelled here."""
 
     def validate(self, path: str = "") -> None:
-        self.check(self.zero_stage in (0, 1, 2, 3), path, "zero_stage", "0, 1, 2 or 3")
+        self.check(self.zero_stage in (1, 2, 3), path, "zero_stage", "1, 2 or 3")
         self.check(self.reduce_bucket_size >= 1, path, "reduce_bucket_size", "an integer >= 1")
         self.check(self.allgather_bucket_size >= 1, path, "allgather_bucket_size", "an integer >= 1")
         super().validate(path)

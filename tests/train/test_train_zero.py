@@ -1,0 +1,99 @@
+"""2-rank ZeRO 1/2/3 runs of the tiny preset (block-sparse SET and unstructured RigL at density 0.5), exact resume
+after kill -9, world-size change refusal. Every run is a real `sparse-dc train` under torchrun over gloo."""
+import math
+import os
+import signal
+
+import pytest
+import yaml
+
+from sparse_dc.config.base import load_config
+from sparse_dc.config.run import RunConfig
+from sparse_dc.model import param_counts
+from sparse_dc.train.ledger import SHARED_FIELDS, read_ledger
+
+from train_harness import TOTAL_STEPS, Run, check_ok, run_train, start_train, wait_for_step, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def zero_run(tmp_path_factory, prepared_data):
+    """zero_run(stage, sparsity) -> the finished 2-rank Run (cached: the resume test reuses one as reference)."""
+    cache = {}
+
+    def get(stage: int, sparsity: str) -> Run:
+        if (stage, sparsity) not in cache:
+            tmp = tmp_path_factory.mktemp(f"zero{stage}_{sparsity}")
+            config = write_config(tmp, prepared_data, f"z{stage}-{sparsity}", sparsity, stage)
+            run = run_train(tmp, config)
+            check_ok(run)
+            cache[stage, sparsity] = (run, config, tmp)
+        return cache[stage, sparsity][0]
+
+    get.cache = cache
+    return get
+
+
+@pytest.mark.parametrize("sparsity", ["block", "unstructured"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_run_trains_and_agrees(zero_run, stage, sparsity):
+    run = zero_run(stage, sparsity)
+    _, config, tmp = zero_run.cache[stage, sparsity]
+    losses = run.losses()
+    assert sorted(losses) == list(range(1, TOTAL_STEPS + 1))
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (23, 24, 25)) / 3
+    assert last < first - 0.5, losses
+
+    final = run.final()
+    digests = final["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1], digests  # params + topology identical across ranks
+    assert final["dst"]["density"] == pytest.approx(0.5, abs=0.01)
+    assert final["dst"]["ever_active_fraction"] > 0.5  # the topology actually changed (updates at 5, 10, 15)
+
+    cfg = load_config(RunConfig, str(config))
+    counts = param_counts(cfg.model, cfg.sparsity, 512)
+    (row,) = read_ledger(str(tmp / "ledger.jsonl"))
+    assert set(SHARED_FIELDS) <= set(row)
+    val = [r["val_loss"] for r in run.records if r["kind"] == "eval"]
+    assert len(val) == 3  # steps 10, 20 and the end
+    assert row["name"] == cfg.name and row["val_loss"] == val[-1] and math.isfinite(row["val_loss"])
+    assert row["dense_params"] == counts.dense and row["active_params"] == counts.active
+    assert row["dense_params_non_embedding"] == counts.dense_non_embedding
+    assert row["density"] == 0.5 and row["block_size"] == cfg.sparsity.block_size
+    assert row["unique_tokens"] == 4096 and row["tokens"] == 390 * 32 and row["epochs"] == 390 * 32 / 4096
+    assert row["zero_stage"] == stage and row["world_size"] == 2 and row["steps"] == TOTAL_STEPS
+    assert row["dst_method"] == cfg.sparsity.method and row["tokens_per_s"] > 0
+    assert row["config_hash"] == cfg.fingerprint() and len(row["git_commit"] or "x" * 40) == 40
+    assert (run.dir / "checkpoints" / f"step_{TOTAL_STEPS:08d}" / "COMPLETE").is_file()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(run.dir / "tensorboard"))
+
+
+def test_kill9_then_resume_reproduces_trajectory_bitwise(zero_run, prepared_data, tmp_path):
+    reference = zero_run(2, "block")
+    config = write_config(tmp_path, prepared_data, "killed", "block", 2, checkpoint_interval=4)
+    run_dir = tmp_path / "runs" / "killed"
+    proc = start_train(tmp_path, config)
+    try:
+        wait_for_step(run_dir, 14, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run, no chance to clean up
+        proc.wait()
+    killed = Run(run_dir).load()
+    assert not any(r["kind"] == "final" for r in killed.records), "the run finished before it was killed"
+    resumed = run_train(tmp_path, config, 2, "--resume", "auto")
+    check_ok(resumed)
+    assert "resumed killed at step" in resumed.proc.stderr
+    assert resumed.losses() == reference.losses()  # every step, bitwise (fp32 on CPU)
+    val = [r["val_loss"] for r in resumed.records if r["kind"] == "eval"][-1]
+    assert val == [r["val_loss"] for r in reference.records if r["kind"] == "eval"][-1]
+    assert resumed.final()["replica_digests"] == reference.final()["replica_digests"]
+
+
+def test_resume_on_other_world_size_is_refused(zero_run):
+    zero_run(2, "block")
+    run, config, tmp = zero_run.cache[2, "block"]
+    proc = run_train(tmp, config, 1, "--resume", "auto").proc
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "written by 2 ranks but this run has 1" in lines[0] and "zero_to_fp32" in lines[0]
