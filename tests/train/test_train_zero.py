@@ -26,7 +26,7 @@ def zero_run(tmp_path_factory, prepared_data):
         if (stage, sparsity) not in cache:
             tmp = tmp_path_factory.mktemp(f"zero{stage}_{sparsity}")
             config = write_config(tmp, prepared_data, f"z{stage}-{sparsity}", sparsity, stage)
-            run = run_train(tmp, config)
+            run = run_train(tmp, config, launcher="slurm")
             check_ok(run)
             cache[stage, sparsity] = (run, config, tmp)
         return cache[stage, sparsity][0]

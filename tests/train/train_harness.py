@@ -2,6 +2,7 @@
 or as 2 ranks over gloo through torchrun, each in its own subprocess with TMPDIR inside the test's tmp folder."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ import yaml
 # 4096 unique tokens as 128 sequences of 32; 3.05 epochs = 390 samples = 24 full global batches of 16 and a
 # partial 25th of 6 samples (3 per rank: one micro-batch of 3 and one empty one per rank).
 BASE = {
-    "data": {"unique_tokens": 4096, "seq_len": 32, "epochs": 3.05, "val_tokens": 2048, "seed": 7},
+    "data": {"unique_tokens": 4096, "seq_len": 32, "epochs": 3.05, "val_tokens": 2048, "seed": 7,
+             "verify": "size"},
     "model": {"preset": "tiny"},
     "train": {"micro_batch": 4, "global_batch": 16, "precision": "fp32",
               "optimizer": {"lr": 3.0e-3, "weight_decay": 0.1}, "schedule": {"warmup_steps": 3},
@@ -70,13 +72,36 @@ def train_command(config: Path, nproc: int, *extra: str) -> list[str]:
 def train_env(tmp_path: Path) -> dict[str, str]:
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
-    return {**os.environ, "TMPDIR": str(tmp), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                                    "MASTER_"))}
+    return {**env, "TMPDIR": str(tmp), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1"}
 
 
-def run_train(tmp_path: Path, config: Path, nproc: int = 2, *extra: str, timeout: float = 240) -> Run:
-    proc = subprocess.run(train_command(config, nproc, *extra), env=train_env(tmp_path), capture_output=True,
-                          text=True, timeout=timeout)
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_train(tmp_path: Path, config: Path, nproc: int = 2, *extra: str, launcher: str = "torchrun",
+              timeout: float = 240) -> Run:
+    """Run to completion. launcher="slurm": start the ranks directly with only SLURM_* variables, as `srun`
+    does (and without a torchrun agent process: one torch import fewer per run)."""
+    if launcher == "slurm":
+        port = str(free_port())
+        procs = [subprocess.Popen(train_command(config, 1, *extra), text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE,
+                                  env={**train_env(tmp_path), "SLURM_PROCID": str(r), "SLURM_NTASKS": str(nproc),
+                                       "SLURM_LOCALID": str(r), "SLURM_JOB_NODELIST": "localhost",
+                                       "MASTER_PORT": port})
+                 for r in range(nproc)]
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        proc = subprocess.CompletedProcess(procs[0].args, max(p.returncode for p in procs),
+                                           "".join(o for o, _ in outs), "".join(e for _, e in outs))
+    else:
+        proc = subprocess.run(train_command(config, nproc, *extra), env=train_env(tmp_path), capture_output=True,
+                              text=True, timeout=timeout)
     name = yaml.safe_load(config.read_text())["name"]
     return Run(tmp_path / "runs" / name, proc).load()
 
