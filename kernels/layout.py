@@ -68,7 +68,9 @@ class BlockLayout:
         perm = torch.sort(col_idx, stable=True).indices
         self._row_idx_t = self._row_idx[perm].contiguous()
         self._slot_t = slot[perm].contiguous()
-        col_len = torch.bincount(col_idx.long(), minlength=nbc)
+        # scatter_add rather than bincount: bincount syncs with the host on CUDA to size its output.
+        col_len = torch.zeros(nbc, dtype=torch.int64, device=dev).scatter_add_(
+            0, col_idx.long(), torch.ones(self._nnz, dtype=torch.int64, device=dev))
         self._col_ptr = torch.zeros(nbc + 1, dtype=torch.int32, device=dev)
         self._col_ptr[1:] = torch.cumsum(col_len, 0)
         self._row_order = torch.sort(row_len, descending=True, stable=True).indices.to(torch.int32)

@@ -113,7 +113,9 @@ class DSTEngine:
         update, fraction of units ever active, and per-layer densities."""
         live = {n: int(m.unit_mask().sum()) for n, m in self.layers.items()}
         units = {n: m.unit_mask().numel() for n, m in self.layers.items()}
-        total, total_units = sum(live.values()), max(1, sum(units.values()))
+        total, total_units = sum(live.values()), sum(units.values())
+        if not total_units:  # a dense model: nothing is sparse
+            total = total_units = 1
         return {
             "step": self.last_update_step if step is None else step,
             "prune_rate": self.prune_rate(self.last_update_step if step is None else step),

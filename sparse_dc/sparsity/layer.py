@@ -5,10 +5,10 @@
   Weight, gradient and optimizer memory scale with density. A topology change keeps nnz, so `values` never
   changes shape: surviving blocks keep their slot and only the slots of grown blocks are reset.
 - unstructured (B = 1): a dense `weight` with a {0,1} `mask` buffer. Invariant: pruned entries of the weight are
-  exactly 0. A gradient hook masks the weight's gradient (so Adam moments of pruned entries stay 0 and the
-  optimizer never moves them; no `apply_masks()` call is needed after the optimizer step), and a topology update
-  zeroes dropped entries and their moments. The forward uses the weight directly, so the gradient reaching the
-  hook is the dense one RigL scores.
+  exactly 0. The forward masks the weight's *gradient* in backward (an identity autograd node on the weight), so
+  Adam moments of pruned entries stay 0 and the optimizer never moves them: no `apply_masks()` call is needed
+  after the optimizer step. A topology update zeroes dropped entries and their moments. The forward multiplies by
+  the weight itself, so the gradient reaching that node is the dense one RigL scores.
 
 A "unit" is one entry (B = 1) or one B x B block; `unit_mask()` is the bool [out / B, in / B] topology.
 """
@@ -25,6 +25,24 @@ def _layout_from_buffers(row_ptr: torch.Tensor, col_idx: torch.Tensor, slot: tor
                          shape: tuple[int, int], block_size: int) -> BlockLayout:
     # the buffers were written by this module (or a checkpoint of it): skip the index checks' host syncs
     return BlockLayout.from_state(shape, block_size, row_ptr, col_idx, slot, validate=False)
+
+
+class _MaskGrad(torch.autograd.Function):
+    """Identity on the weight whose backward masks the weight's gradient (B = 1), after adding the dense
+    gradient to the layer's RigL score accumulator when armed. An autograd node rather than a tensor hook, so it
+    survives deepcopy/pickling of the module and is independent of how DeepSpeed wraps the parameter."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, layer: "SparseLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        layer = ctx.layer
+        if layer._scores is not None:
+            layer._scores += grad.detach().float()  # signed sum over micro-batches; |.| taken by the engine
+        return grad * layer.mask, None
 
 
 class SparseLinear(nn.Module):
@@ -44,7 +62,6 @@ class SparseLinear(nn.Module):
             weight = torch.randn(out_features, in_features) * std
             self.weight = nn.Parameter(weight * mask)
             self.register_buffer("mask", mask.clone())
-            self.weight.register_hook(self._mask_grad)
         else:
             layout = BlockLayout.from_block_mask(mask, b)
             self.values = nn.Parameter(torch.randn(layout.nnz, b, b) * std)
@@ -130,14 +147,9 @@ class SparseLinear(nn.Module):
         scores, self._scores = self._scores, None
         return scores
 
-    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        if self._scores is not None:
-            self._scores += grad.detach().float()  # signed sum over micro-batches; |.| taken by the engine
-        return grad * self.mask
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.block_size == 1:
-            return F.linear(x, self.weight)
+            return F.linear(x, _MaskGrad.apply(self.weight, self))
         layout = self.layout
         x2 = x.reshape(-1, self.in_features)
         y = block_sparse_linear(x2, self.values, layout)

@@ -52,15 +52,13 @@ class DeepSpeedOptimizerState:
     def __init__(self, engine: Any):
         self.engine = engine
 
-    def _moment_keys(self, p: torch.nn.Parameter) -> list[str]:
-        if hasattr(p, "ds_id"):  # ZeRO 3: moments exist once the inner optimizer has stepped
-            inner = getattr(self.engine.optimizer, "optimizer", None)
-            state = next(iter(inner.state.values()), {}) if inner is not None and inner.state else {}
-            return [k for k in MOMENT_KEYS if k in state]
-        mapping = getattr(p, "_hp_mapping", None)
-        if mapping is None or not mapping.optim_fragment:  # before the first step, or after the load bug
-            return []
-        return [k for k in MOMENT_KEYS if k in mapping.get_optim_state_keys()]
+    def _moment_keys(self) -> list[str]:
+        """Moment keys of the wrapped torch optimizer, empty before its first step. Decided from the inner
+        optimizer's state, which every rank holds for its own partition, so all ranks agree (a per-parameter
+        test would not: under ZeRO 1/2 a rank may own no fragment of a given parameter)."""
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        state = next(iter(inner.state.values()), {}) if getattr(inner, "state", None) else {}
+        return [k for k in MOMENT_KEYS if torch.is_tensor(state.get(k))]
 
     def get_param(self, p: torch.nn.Parameter) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -84,7 +82,7 @@ class DeepSpeedOptimizerState:
                 full[where] = 0
                 safe_set_full_fp32_param(p, full)
             self._zero_model_copy(p, where)
-        for key in self._moment_keys(p):
+        for key in self._moment_keys():
             moment = safe_get_full_optimizer_state(p, key).reshape(self._shape(p)).clone()
             moment[where] = 0
             safe_set_full_optimizer_state(p, moment, key)

@@ -37,9 +37,11 @@ def prune_rate_at(step: int, prune_rate: float, stop_step: int, decay: str) -> f
 
 
 def _lowest(values: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices of the k smallest `values` among `candidates` (ties: lower flat index first)."""
+    """Flat indices of the k smallest `values` among `candidates` (k <= number of candidates). topk, not a
+    full sort: O(units) per layer; ties are broken by torch.topk, deterministic for a given input and device
+    (and rank 0's decision is broadcast, so ranks never disagree)."""
     flat = torch.where(candidates.flatten(), values.flatten().float(), torch.tensor(math.inf))
-    return torch.sort(flat, stable=True).indices[:k]
+    return torch.topk(flat, k, largest=False, sorted=False).indices
 
 
 def drop_grow(mask: torch.Tensor, magnitude: torch.Tensor, grow_score: torch.Tensor, n: int) -> torch.Tensor:

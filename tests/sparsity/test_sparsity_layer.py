@@ -94,3 +94,13 @@ def test_bad_shapes_rejected():
         SparseLinear(48, 64, 32, torch.ones(2, 1, dtype=torch.bool), 0.02)
     with pytest.raises(ValueError, match=r"Expected a bool mask of shape \(2, 2\)"):
         SparseLinear(64, 64, 32, torch.ones(2, 3, dtype=torch.bool), 0.02)
+
+
+def test_gradient_masking_survives_deepcopy():
+    import copy
+
+    _, flat, entry_mask = _pair()
+    clone = copy.deepcopy(flat)
+    clone(torch.randn(3, 64)).sum().backward()
+    assert torch.count_nonzero(clone.weight.grad[~entry_mask]) == 0
+    assert torch.count_nonzero(clone.weight.grad[entry_mask]) > 0

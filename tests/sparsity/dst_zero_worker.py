@@ -1,0 +1,101 @@
+"""2-rank worker for test_sparsity_distributed.py (run under torchrun, gloo, DS_ACCELERATOR=cpu).
+
+For each ZeRO stage and granularity: train a tiny sparse Llama on rank-dependent data with RigL/SET updates,
+and record (per rank, as JSON) the topology hashes, whether the regrown/dropped units' fp32 weights and Adam
+moments are exactly zero after an update, and whether pruned entries stay zero after further steps.
+"""
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparse_dc.model import ModelConfig, build_model
+from sparse_dc.sparsity import DSTEngine, SparseLinear, SparsityConfig, fix_deepspeed_state_after_load, optimizer_state
+
+
+def mask_hash(engine: DSTEngine) -> list[int]:
+    return [int((m.unit_mask().flatten().long() * torch.arange(m.unit_mask().numel())).sum())
+            for m in engine.layers.values()]
+
+
+def run_case(stage: int, block_size: int, method: str, ckpt_dir: str) -> dict:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    sparsity = SparsityConfig(density=0.5, block_size=block_size, method=method, update_frequency=2,
+                              prune_rate=0.3, prune_rate_decay="constant", stop_fraction=1.0, seed=7)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layers=1), sparsity, vocab_size=32)
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}},
+                 "zero_optimization": {"stage": stage}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    dst = DSTEngine(engine.module, sparsity, total_steps=6, state=optimizer_state(engine))
+    rank = dist.get_rank()
+    data = torch.randint(0, 32, (6, 2, 9), generator=torch.Generator().manual_seed(100 + rank))  # per-rank data
+    out: dict = {"hashes": [], "reset_zero": True, "pruned_zero": True, "changed": []}
+
+    def train(step: int) -> None:
+        dst.begin_step(step)
+        tokens = data[step - 1]
+        loss = nn.functional.cross_entropy(engine(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        engine.backward(loss)
+        engine.step()
+
+    for step in range(1, 6):
+        if stage == 2 and step == 3:  # the post-load bug: the accessor must work after load_checkpoint
+            engine.save_checkpoint(ckpt_dir, tag="t")
+            engine.load_checkpoint(ckpt_dir, tag="t")
+            fix_deepspeed_state_after_load(engine)
+        before = {n: m.unit_mask().clone() for n, m in dst.layers.items()}
+        train(step)
+        stats = dst.end_step(step)
+        if stats is None:
+            continue
+        out["hashes"].append(mask_hash(dst))
+        out["changed"].append(stats["changed_fraction"])
+        for name, layer in dst.layers.items():
+            new = layer.unit_mask()
+            p = layer.param
+            fp32 = safe_get_full_fp32_param(p).reshape(tuple(getattr(p, "ds_shape", p.shape)))
+            moments = [safe_get_full_optimizer_state(p, k).reshape(fp32.shape) for k in ("exp_avg", "exp_avg_sq")]
+            if block_size == 1:
+                reset = before[name] ^ new
+            else:
+                reset = fp32.abs().sum((1, 2)) == 0  # grown slots (values zeroed)
+                grown_blocks = int((new & ~before[name]).sum())
+                out["reset_zero"] &= int(reset.sum()) >= grown_blocks > 0
+            out["reset_zero"] &= all(int(t[reset].count_nonzero()) == 0 for t in [fp32] + moments)
+    # pruned entries stay exactly zero in the fp32 master and the model's copy after further steps (B = 1)
+    if block_size == 1:
+        for layer in dst.layers.values():
+            p = layer.param
+            fp32 = safe_get_full_fp32_param(p).reshape(tuple(getattr(p, "ds_shape", p.shape)))
+            out["pruned_zero"] &= int(fp32[~layer.unit_mask()].count_nonzero()) == 0
+            if stage < 3:
+                out["pruned_zero"] &= int(p.detach()[~layer.unit_mask()].count_nonzero()) == 0
+    out["live"] = [int(m.unit_mask().sum()) for m in dst.layers.values()]
+    return out
+
+
+def main() -> None:
+    result_dir = sys.argv[1]
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a 20 s C++ JIT build on CPU
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {}
+    for stage in (1, 2, 3):
+        for block_size, method in ((1, "rigl"), (32, "rigl"), (32, "set")):
+            key = f"zero{stage}-B{block_size}-{method}"
+            if len(sys.argv) > 2 and key not in sys.argv[2:]:
+                continue
+            results[key] = run_case(stage, block_size, method, os.path.join(result_dir, f"ckpt-{key}"))
+    with open(os.path.join(result_dir, f"rank{dist.get_rank()}.json"), "w") as fh:
+        json.dump(results, fh)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
