@@ -23,8 +23,7 @@ from sparse_dc.config.run import RunConfig
 from sparse_dc.data.loader import TokenBudget, TokenBudgetDataset
 from sparse_dc.errors import SparseDCError
 from sparse_dc.model import build_model, count_params, flops_per_token
-from sparse_dc.sparsity import DSTEngine
-from sparse_dc.sparsity.optim_state import MOMENT_KEYS, DeepSpeedOptimizerState
+from sparse_dc.sparsity import DSTEngine, optimizer_state
 from sparse_dc.train import ledger
 from sparse_dc.train.checkpoint import Checkpointer, ResumeError, StopSignal
 from sparse_dc.train.dist import DistEnv
@@ -73,20 +72,6 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, total_
     return engine
 
 
-class ZeroOptimizerState(DeepSpeedOptimizerState):
-    """The sparsity accessor with the moment keys decided identically on every rank.
-
-    Under ZeRO 1/2 the base class reads the keys from the parameter's own fragment mapping, which is empty on
-    a rank whose optimizer partition holds no piece of that parameter: that rank skips the collective
-    safe_get_full_optimizer_state while the others block in it (a deadlock at the first DST update with 2
-    ranks). The inner optimizer's state keys exist on every rank once it has stepped."""
-
-    def _moment_keys(self, p: torch.nn.Parameter) -> list[str]:
-        inner = getattr(self.engine.optimizer, "optimizer", None)
-        state = next(iter(inner.state.values()), {}) if inner is not None and inner.state else {}
-        return [k for k in MOMENT_KEYS if k in state]
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, denv: DistEnv, device: str):
         self.cfg, self.tc, self.denv, self.device = cfg, cfg.train, denv, device
@@ -100,7 +85,7 @@ class Trainer:
         self.vocab_size = model.vocab_size
         self.counts = count_params(model)
         self.engine = build_engine(cfg, model, denv.world_size, self.total_steps)
-        self.dst = DSTEngine(self.engine.module, cfg.sparsity, self.total_steps, ZeroOptimizerState(self.engine))
+        self.dst = DSTEngine(self.engine.module, cfg.sparsity, self.total_steps, optimizer_state(self.engine))
         self.checkpointer = Checkpointer(self.run_dir, denv.rank, denv.world_size, self.tc.keep_checkpoints)
         self.step, self.samples, self.train_time = 0, 0, 0.0
         self.last_val: float | None = None

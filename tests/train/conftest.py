@@ -1,4 +1,4 @@
-"""Session fixture: a small prepared corpus for the training tests."""
+"""Session fixtures: a small prepared corpus, and finished 2-rank ZeRO runs shared by several tests."""
 import itertools
 import json
 from pathlib import Path
@@ -7,6 +7,7 @@ import pytest
 
 from sparse_dc.data.corpus import builtin_documents
 from sparse_dc.data.prepare import PrepareConfig, prepare
+from train_harness import Run, check_ok, run_train, write_config
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,21 @@ def prepared_data(tmp_path_factory) -> Path:
     prepare(PrepareConfig(inputs=[str(docs)], out=str(root / "data"), vocab_size=512, shard_tokens=40_000,
                           workers=2))
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def zero_run(tmp_path_factory, prepared_data):
+    """zero_run(stage, sparsity) -> the finished 2-rank Run (cached: the resume test reuses one as reference)."""
+    cache = {}
+
+    def get(stage: int, sparsity: str) -> Run:
+        if (stage, sparsity) not in cache:
+            tmp = tmp_path_factory.mktemp(f"zero{stage}_{sparsity}")
+            config = write_config(tmp, prepared_data, f"z{stage}-{sparsity}", sparsity, stage)
+            run = run_train(tmp, config, launcher="slurm")
+            check_ok(run)
+            cache[stage, sparsity] = (run, config, tmp)
+        return cache[stage, sparsity][0]
+
+    get.cache = cache
+    return get

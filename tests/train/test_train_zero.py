@@ -5,7 +5,6 @@ import os
 import signal
 
 import pytest
-import yaml
 
 from sparse_dc.config.base import load_config
 from sparse_dc.config.run import RunConfig
@@ -15,24 +14,6 @@ from sparse_dc.train.ledger import SHARED_FIELDS, read_ledger
 from train_harness import TOTAL_STEPS, Run, check_ok, run_train, start_train, wait_for_step, write_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def zero_run(tmp_path_factory, prepared_data):
-    """zero_run(stage, sparsity) -> the finished 2-rank Run (cached: the resume test reuses one as reference)."""
-    cache = {}
-
-    def get(stage: int, sparsity: str) -> Run:
-        if (stage, sparsity) not in cache:
-            tmp = tmp_path_factory.mktemp(f"zero{stage}_{sparsity}")
-            config = write_config(tmp, prepared_data, f"z{stage}-{sparsity}", sparsity, stage)
-            run = run_train(tmp, config, launcher="slurm")
-            check_ok(run)
-            cache[stage, sparsity] = (run, config, tmp)
-        return cache[stage, sparsity][0]
-
-    get.cache = cache
-    return get
 
 
 @pytest.mark.parametrize("sparsity", ["block", "unstructured"])
