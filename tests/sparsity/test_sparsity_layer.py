@@ -21,7 +21,9 @@ def _pair(seed: int = 0) -> tuple[SparseLinear, SparseLinear, torch.Tensor]:
     return block, flat, entry_mask
 
 
-def test_block_and_unstructured_paths_agree():
+@pytest.mark.parametrize("backend", ["reference", "triton"])  # triton: the interpreter on CPU
+def test_block_and_unstructured_paths_agree(backend, monkeypatch):
+    monkeypatch.setenv("SPARSE_DC_KERNEL_BACKEND", backend)
     block, flat, entry_mask = _pair()
     x = torch.randn(2, 5, 64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
