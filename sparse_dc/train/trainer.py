@@ -46,6 +46,12 @@ def resume_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:16]
 
 
+def token_loss_sum(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of tokens [B, L] (B x (L - 1) predictions), computed in fp32."""
+    logits = model(tokens[:, :-1])  # (B, L - 1, vocab)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices (and block-sparse `values`), none on norm gains (the GPT-2/Llama convention)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -200,10 +206,7 @@ class Trainer:
         weight = 1.0
         if tokens.shape[0] == 0:
             tokens, weight = torch.zeros(1, self.plan.seq_len, dtype=torch.long), 0.0
-        tokens = tokens.to(self.device, non_blocking=True)
-        logits = self.engine(tokens[:, :-1])  # (micro, L - 1, vocab)
-        loss_sum = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
-                                   reduction="sum") * weight
+        loss_sum = token_loss_sum(self.engine, tokens.to(self.device, non_blocking=True)) * weight
         self.engine.backward(loss_sum * (self.accumulation * self.denv.world_size / n_tokens))
         return loss_sum.detach().double()
 
@@ -226,9 +229,7 @@ class Trainer:
             if not len(ids):
                 tokens = torch.zeros(1, self.plan.seq_len, dtype=torch.long)
             tokens = tokens.to(self.device)
-            logits = self.engine(tokens[:, :-1])
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
-                                   reduction="sum")
+            loss = token_loss_sum(self.engine, tokens)
             total += torch.stack([loss.double() * weight, torch.tensor(weight * tokens[:, 1:].numel(),
                                                                        dtype=torch.float64, device=self.device)])
         if dist.is_initialized() and self.denv.world_size > 1:
