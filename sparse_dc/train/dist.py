@@ -91,11 +91,14 @@ def init_distributed(denv: DistEnv) -> str:
 
 
 def silence_non_main(denv: DistEnv) -> None:
-    """Ranks > 0 log only warnings: rank 0 speaks for the run."""
+    """Ranks > 0 log only errors and no Python warnings: rank 0 speaks for the run."""
     import logging
 
     if not denv.is_main:
-        logging.getLogger().setLevel(logging.WARNING)
+        import warnings
+
+        logging.getLogger().setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")  # library deprecation warnings would print once per rank
     try:
         from deepspeed.utils import logger as ds_logger
 

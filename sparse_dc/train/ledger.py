@@ -81,8 +81,8 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "precision": cfg.train.precision,
         "zero_stage": cfg.train.deepspeed.zero_stage,
         "world_size": world_size,
-        "tokens_per_s": tokens_per_s,
-        "wall_time_s": wall_time_s,
+        "tokens_per_s": tokens_per_s,  # training steps only (no eval/checkpoint time)
+        "wall_time_s": wall_time_s,  # the whole loop over all resumed segments, eval and checkpoints included
         "config_hash": cfg.fingerprint(),
         "git_commit": git_commit(),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -93,7 +93,8 @@ class Trainer:
         self.engine = build_engine(cfg, model, denv.world_size, self.total_steps)
         self.dst = DSTEngine(self.engine.module, cfg.sparsity, self.total_steps, optimizer_state(self.engine))
         self.checkpointer = Checkpointer(self.run_dir, denv.rank, denv.world_size, self.tc.keep_checkpoints)
-        self.step, self.samples, self.train_time = 0, 0, 0.0
+        self.step, self.samples, self.train_time, self.wall_time = 0, 0, 0.0, 0.0
+        self._wall_start = time.perf_counter()
         self.last_val: float | None = None
 
     # --- resume -----------------------------------------------------------------------------------------
@@ -112,12 +113,18 @@ class Trainer:
         if state.get("samples") is None:
             raise ResumeError(f"checkpoint {latest[1]} has no sparse-dc client state")
         self.step, self.samples, self.train_time = state["step"], state["samples"], state["train_time"]
+        self.wall_time, self._wall_start = state["wall_time"], time.perf_counter()
         self.last_val = state.get("val_loss")
         self.dst.load_state_dict(state["dst"])
         return True
 
+    def elapsed(self) -> float:
+        """Seconds of this run so far, over all its resumed segments (startup excluded)."""
+        return self.wall_time + time.perf_counter() - self._wall_start
+
     def save(self) -> None:
         state = {"step": self.step, "samples": self.samples, "train_time": self.train_time,
+                 "wall_time": self.elapsed(),
                  "val_loss": self.last_val, "dst": self.dst.state_dict()}
         self.checkpointer.save(self.engine, self.step, state, self.marker())
 
@@ -192,7 +199,9 @@ class Trainer:
                                    "or raise schedule.warmup_steps)")
         self.engine.step()  # the accumulation boundary: clip, AdamW, LR schedule
         self.step = step
-        self.dst.end_step(step)
+        stats = self.dst.end_step(step)
+        if stats is not None:
+            self.metrics.log({k: v for k, v in stats.items() if k != "layer_density"}, prefix="dst")
         norm = self.engine.get_global_grad_norm()
         return loss, (float(norm) if norm is not None else None)
 
@@ -270,7 +279,7 @@ class Trainer:
         self.metrics.log(record, prefix="final")
         row = ledger.make_row(self.cfg, self.counts, self.plan, val_loss=val,
                               tokens_per_s=self.plan.total_tokens / max(self.train_time, 1e-9),
-                              wall_time_s=self.train_time, steps=self.step, world_size=self.denv.world_size)
+                              wall_time_s=self.elapsed(), steps=self.step, world_size=self.denv.world_size)
         if self.denv.is_main:
             ledger.append_row(self.tc.ledger, row)
             self.metrics.message(f"done: {self.step} steps, val_loss {val}, ledger row appended to "
