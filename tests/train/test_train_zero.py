@@ -78,3 +78,20 @@ def test_resume_on_other_world_size_is_refused(zero_run):
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "written by 2 ranks but this run has 1" in lines[0] and "zero_to_fp32" in lines[0]
+
+
+def test_one_rank_and_two_ranks_train_the_same_model(prepared_data, tmp_path):
+    """The data order is world-size invariant and every micro-batch loss is weighted by its token count, so 1 rank
+    (4 micro-batches per step; the partial last batch splits 4 + 2 + 0 + 0) and 2 ranks (2 per rank; 3 + 0 each)
+    compute the same global-batch gradients up to float reduction order. Dense, so no topology decision can flip."""
+    runs = []
+    for nproc in (1, 2):
+        config = write_config(tmp_path / f"w{nproc}", prepared_data, f"dense-w{nproc}", None, 2)
+        runs.append(run_train(tmp_path / f"w{nproc}", config, nproc, launcher="slurm"))
+        check_ok(runs[-1])
+    one, two = (r.losses() for r in runs)
+    assert sorted(one) == sorted(two) == list(range(1, TOTAL_STEPS + 1))
+    for step in one:
+        assert one[step] == pytest.approx(two[step], rel=1e-6, abs=0), step
+    val = [[r["val_loss"] for r in run.records if r["kind"] == "eval"][-1] for run in runs]
+    assert val[0] == pytest.approx(val[1], rel=1e-6, abs=0)  # after the partial final batch's update

@@ -57,6 +57,7 @@ def write_config(tmp_path: Path, data_dir: Path, name: str, sparsity: str | None
     if sparsity:
         cfg["sparsity"] = dict(SPARSITY[sparsity])
     cfg["train"].update(ledger=str(tmp_path / "ledger.jsonl"), deepspeed={"zero_stage": stage}, **train)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
