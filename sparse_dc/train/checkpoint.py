@@ -154,6 +154,9 @@ class StopSignal:
             return bool(flag.item())
         return self.flag
 
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a stop signal on another rank"
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -124,8 +124,7 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "samples": self.samples, "train_time": self.train_time,
-                 "wall_time": self.elapsed(),
-                 "val_loss": self.last_val, "dst": self.dst.state_dict()}
+                 "wall_time": self.elapsed(), "val_loss": self.last_val, "dst": self.dst.state_dict()}
         self.checkpointer.save(self.engine, self.step, state, self.marker())
 
     # --- the loop ---------------------------------------------------------------------------------------
@@ -147,8 +146,11 @@ class Trainer:
             flops_per_token(self.counts, shape, self.plan.seq_len, active=True),
             device_peak_flops(tc.precision, tc.peak_flops), denv.world_size, tc.progress, tc.tensorboard)
         stop = StopSignal(self.device)
-        data = iter(TokenBudgetDataset(self.budget, tc.global_batch, tc.micro_batch, denv.rank, denv.world_size,
-                                       self.samples))
+        dataset = TokenBudgetDataset(self.budget, tc.global_batch, tc.micro_batch, denv.rank, denv.world_size,
+                                     self.samples)
+        workers = self.cfg.data.num_workers  # reads overlap compute; the order is unchanged (see the loader)
+        data = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                pin_memory=self.device.startswith("cuda")) if workers else dataset)
         try:
             while self.step < self.total_steps:
                 micro_batches = [next(data) for _ in range(self.accumulation)]
@@ -166,8 +168,8 @@ class Trainer:
                     self.evaluate()
                 if stop.requested():
                     self.save()
-                    self.metrics.message(f"signal {stop.received or 'on another rank'}: saved step {self.step} "
-                                         "and stopped; continue with --resume auto")
+                    self.metrics.message(f"{stop.name()}: saved step {self.step} and stopped; continue with "
+                                         "--resume auto")
                     return None
                 if tc.checkpoint_interval and self.step % tc.checkpoint_interval == 0 \
                         and self.step < self.total_steps:
