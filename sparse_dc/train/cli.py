@@ -28,36 +28,43 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    cfg = load_config(RunConfig, args.config, args.overrides)
-    if args.print_config:
-        print(cfg.to_yaml(), end="")
-        return 0
+    # every rank hits the same user error: rank 0 reports it, the others exit quietly with the same status
+    launch_rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    try:
+        cfg = load_config(RunConfig, args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        run(cfg, args.resume)
+    except SparseDCError:
+        if launch_rank != 0:
+            os._exit(2)
+        raise
+    return 0
+
+
+def run(cfg: RunConfig, resume: str) -> None:
+    """Rendezvous, build, resume or refuse to clobber, train."""
     from sparse_dc.train.dist import init_distributed, setup_env, silence_non_main
 
     denv = setup_env()
-    try:
-        cfg.train.accumulation_steps(denv.world_size)  # a config error, before any process group exists
-        device = init_distributed(denv)
-        silence_non_main(denv)
-        from sparse_dc.train.checkpoint import ResumeError
-        from sparse_dc.train.trainer import Trainer
-
-        trainer = Trainer(cfg, denv, device)
-        if args.resume == "auto":
-            if trainer.resume() and denv.is_main:
-                print(f"resumed {cfg.name} at step {trainer.step} ({trainer.samples} samples)", file=sys.stderr)
-        elif trainer.checkpointer.latest() is not None:
-            raise ResumeError(f"run {cfg.name!r} already has checkpoints in {trainer.checkpointer.dir}: expected "
-                              "--resume auto to continue it, or a new name (name=...) to start over")
-        trainer.train()
-    except SparseDCError:
-        if denv.rank != 0:  # every rank hits the same user error; rank 0 reports it, the others exit quietly
-            os._exit(2)
-        raise
+    cfg.train.accumulation_steps(denv.world_size)  # a config error, before any process group exists
+    device = init_distributed(denv)
+    silence_non_main(denv)
     import torch.distributed as dist
 
+    from sparse_dc.train.checkpoint import ResumeError
+    from sparse_dc.train.trainer import Trainer
+
+    trainer = Trainer(cfg, denv, device)
+    if resume == "auto":
+        if trainer.resume() and denv.is_main:
+            print(f"resumed {cfg.name} at step {trainer.step} ({trainer.samples} samples)", file=sys.stderr)
+    elif trainer.checkpointer.latest() is not None:
+        raise ResumeError(f"run {cfg.name!r} already has checkpoints in {trainer.checkpointer.dir}: expected "
+                          "--resume auto to continue it, or a new name (name=...) to start over")
+    trainer.train()
     dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
