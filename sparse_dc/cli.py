@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("sparse_dc.data.cli", "prepare Arrow token shards; inspect a token-budget plan"),
     "model": ("sparse_dc.model.cli", "exact parameter counts and FLOPs per token of the model presets"),
     "train": ("sparse_dc.train.cli", "train a sparse Llama with DeepSpeed ZeRO"),
+    "export": ("sparse_dc.train.export", "consolidate a ZeRO checkpoint into a Hugging Face Llama folder"),
     "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),
 }
 

@@ -16,6 +16,7 @@ from sparse_dc.config.base import Config
 from sparse_dc.data.config import DataConfig
 from sparse_dc.model.config import ModelConfig
 from sparse_dc.sparsity.config import SparsityConfig, check_block_divides
+from sparse_dc.train.config import TrainConfig
 
 
 @dataclass(kw_only=True)
@@ -27,6 +28,7 @@ class RunConfig(Config):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, path: str = "") -> None:
         self.check(bool(self.name) and "/" not in self.name, path, "name", "a non-empty name without '/'")

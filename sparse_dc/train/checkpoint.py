@@ -1,0 +1,162 @@
+"""Checkpoints: DeepSpeed save/load with our client state, an atomic completion marker, and preemption signals.
+
+Layout under <run>/checkpoints/:
+
+    step_00000120/            DeepSpeed's files for this tag (model + ZeRO optimizer shards, client state)
+        rng_rank{r}.pt        each rank's RNG states
+        COMPLETE              JSON written last, atomically, by rank 0 after every rank finished saving
+    zero_to_fp32.py           DeepSpeed's consolidation script (copied by save_checkpoint under ZeRO)
+
+A tag without COMPLETE (a crash or kill during save) is ignored by `latest()` and never deleted before a newer
+complete one exists, so a crash during save never costs the previous checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sparse_dc.config.base import write_text_atomic
+from sparse_dc.errors import SparseDCError
+
+MARKER = "COMPLETE"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+class ResumeError(SparseDCError):
+    """A checkpoint that cannot be resumed by this run (world size or config changed, nothing to resume...)."""
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(directory: str) -> list[tuple[int, str]]:
+    """(step, tag) of every complete checkpoint under `directory`, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _TAG.match(name)
+        if match and os.path.isfile(os.path.join(directory, name, MARKER)):
+            found.append((int(match.group(1)), name))
+    return sorted(found)
+
+
+def read_marker(tag_dir: str) -> dict[str, Any]:
+    with open(os.path.join(tag_dir, MARKER), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, rank: int, world_size: int, keep: int):
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.rank, self.world_size, self.keep = rank, world_size, keep
+
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step_{step:08d}"
+
+    def latest(self) -> tuple[int, str] | None:
+        found = complete_checkpoints(self.dir)
+        return found[-1] if found else None
+
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], marker: dict[str, Any]) -> str:
+        """Collective: every rank saves its shards, then rank 0 marks the tag complete and prunes old ones."""
+        tag = self.tag(step)
+        tag_dir = os.path.join(self.dir, tag)
+        if self.rank == 0 and os.path.isdir(tag_dir):  # a stale incomplete attempt at this step
+            shutil.rmtree(tag_dir)
+        _barrier()
+        engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{self.rank}.pt"))
+        _barrier()  # every rank's files are on disk before the marker says so
+        if self.rank == 0:
+            write_text_atomic(os.path.join(tag_dir, MARKER),
+                              json.dumps({**marker, "step": step, "world_size": self.world_size,
+                                          "saved_at": time.time()}, indent=1))
+            for _, old in complete_checkpoints(self.dir)[:-self.keep]:
+                os.remove(os.path.join(self.dir, old, MARKER))  # unmark first: a half-deleted tag is ignored
+                shutil.rmtree(os.path.join(self.dir, old))
+        _barrier()
+        return tag_dir
+
+    def load(self, engine: Any, tag: str, expect: dict[str, Any]) -> dict[str, Any]:
+        """Collective: restore engine (weights, ZeRO optimizer shards, LR scheduler) and RNG; returns the client
+        state. Refuses, with the fix in the message, a checkpoint from another world size or config."""
+        tag_dir = os.path.join(self.dir, tag)
+        marker = read_marker(tag_dir)
+        if marker["world_size"] != self.world_size:
+            raise ResumeError(
+                f"checkpoint {tag_dir} was written by {marker['world_size']} ranks but this run has "
+                f"{self.world_size}: ZeRO optimizer shards are per rank. Resume with {marker['world_size']} ranks, "
+                f"or consolidate the weights with `python {self.dir}/zero_to_fp32.py {self.dir} OUT --tag {tag}` "
+                f"(or `sparse-dc export`) and start a new run from them (optimizer state is not carried over)")
+        for key, value in expect.items():
+            if marker.get(key) != value:
+                raise ResumeError(f"checkpoint {tag_dir} has {key}={marker.get(key)!r} but this run has {value!r}: "
+                                  f"expected the same setting to resume (use a new run name to start over)")
+        path, client_state = engine.load_checkpoint(self.dir, tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if path is None:
+            raise ResumeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        from sparse_dc.sparsity import fix_deepspeed_state_after_load
+
+        fix_deepspeed_state_after_load(engine)
+        rng_path = os.path.join(tag_dir, f"rng_rank{self.rank}.pt")
+        set_rng_state(torch.load(rng_path, weights_only=False))
+        return client_state
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption, `scancel`, torchrun shutdown) set a flag; `requested()` agrees on it
+    across ranks (an all-reduce MAX), so every rank saves and stops after the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device, self.flag = device, False
+        self.received: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag, self.received = True, signum
+
+    def requested(self) -> bool:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1 if self.flag else 0], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one 4-byte collective per step
+            return bool(flag.item())
+        return self.flag
+
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a stop signal on another rank"
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

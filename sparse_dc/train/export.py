@@ -1,0 +1,139 @@
+"""`sparse-dc export --checkpoint DIR --out HF_DIR`: a ZeRO checkpoint -> a Hugging Face Llama folder.
+
+Consolidates the ZeRO shards into fp32 weights (DeepSpeed's zero_to_fp32), rebuilds our model from the config the
+checkpoint recorded, densifies every SparseLinear (block values scattered into the dense matrix; pruned entries
+are zero), renames to `transformers.LlamaForCausalLM`'s keys and writes `model.safetensors` + `config.json`, so
+`LlamaForCausalLM.from_pretrained(HF_DIR)` (transformers: the optional `hf` extra) and lm-eval can load it.
+
+RoPE convention: our attention rotates interleaved (even, odd) pairs (Meta's reference code); HF's Llama rotates
+the two halves of each head. The q and k rows are permuted per head as in transformers'
+convert_llama_weights_to_hf.py, which leaves q·k unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+
+import torch
+
+from sparse_dc.errors import SparseDCError
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """A run folder, its checkpoints/ folder or one step_* tag -> (checkpoints folder, tag) of a complete one."""
+    from sparse_dc.train.checkpoint import MARKER, complete_checkpoints
+
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return os.path.dirname(path), os.path.basename(path)
+    for root in (os.path.join(path, "checkpoints"), path):
+        found = complete_checkpoints(root)
+        if found:
+            return root, found[-1][1]
+    raise SparseDCError(f"--checkpoint {path}: expected a run folder, its checkpoints/ folder or a step_* folder "
+                        "holding a complete checkpoint (one with a COMPLETE marker)")
+
+
+def load_model(root: str, tag: str) -> torch.nn.Module:
+    """Our model with the checkpoint's consolidated fp32 weights and topology (CPU, eval mode)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from sparse_dc.config.run import RunConfig
+    from sparse_dc.model import build_model
+    from sparse_dc.train.checkpoint import read_marker
+
+    marker = read_marker(os.path.join(root, tag))
+    cfg = RunConfig.from_dict(marker["config"])
+    model = build_model(cfg.model, cfg.sparsity, marker["vocab_size"])
+    state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection [d, d_in]: interleaved pairs per head -> halves per head."""
+    d_out, d_in = w.shape
+    return w.view(n_heads, d_out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
+
+
+@torch.no_grad()
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Dense fp32 tensors under LlamaForCausalLM's names."""
+    heads = model.shape.n_heads
+    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.head.weight}
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}"
+        out[f"{p}.input_layernorm.weight"] = block.attn_norm.weight
+        out[f"{p}.post_attention_layernorm.weight"] = block.mlp_norm.weight
+        for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+            w = _dense(getattr(block.attn, ours))
+            out[f"{p}.self_attn.{theirs}.weight"] = _permute_rope(w, heads) if ours in ("q", "k") else w
+        for ours in ("gate", "up", "down"):
+            out[f"{p}.mlp.{ours}_proj.weight"] = _dense(getattr(block.mlp, ours))
+    return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def _dense(linear: torch.nn.Module) -> torch.Tensor:
+    return linear.dense_weight() if hasattr(linear, "dense_weight") else linear.weight
+
+
+def hf_config(model: torch.nn.Module) -> dict:
+    shape, cfg = model.shape, model.cfg
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden_size,
+            "intermediate_size": shape.intermediate_size, "num_attention_heads": shape.n_heads,
+            "num_key_value_heads": shape.n_heads, "num_hidden_layers": shape.n_layers,
+            "vocab_size": model.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
+            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+            "initializer_range": cfg.init_std, "torch_dtype": "float32"}
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """The safetensors format (8-byte little-endian header size, JSON header of dtype/shape/byte offsets, raw
+    little-endian data), written directly so export needs no extra package."""
+    header, offset, blobs = {}, 0, []
+    for name, tensor in tensors.items():
+        data = tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # align the data section to 8 bytes
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(text)) + text)
+        for blob in blobs:
+            fh.write(blob)
+
+
+def export(checkpoint: str, out: str) -> str:
+    """Write the HF folder `out` (atomically: built next to it, then renamed). Returns `out`."""
+    root, tag = resolve_checkpoint(checkpoint)
+    model = load_model(root, tag)
+    tmp = f"{out.rstrip('/')}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write_safetensors(os.path.join(tmp, "model.safetensors"), hf_state_dict(model))
+    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(hf_config(model), fh, indent=2)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sparse-dc export",
+                                description="Consolidate a ZeRO checkpoint into a Hugging Face Llama folder.")
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or a step_* folder")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
+    args = p.parse_args(argv)
+    print(export(args.checkpoint, args.out))
+    return 0

@@ -1,0 +1,79 @@
+"""Plain single-process `sparse-dc train` (its own rendezvous): SIGTERM saves and stops, NaN loss stops with a clear
+message, config errors exit 2 with one line; the rendezvous env for every launcher; the LR schedule."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from sparse_dc.train.config import ScheduleConfig
+from sparse_dc.train.dist import first_slurm_host, setup_env
+from train_harness import Run, run_train, start_train, wait_for_step, write_config
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_complete_checkpoint_and_exits_cleanly(prepared_data, tmp_path):
+    config = write_config(tmp_path, prepared_data, "preempted", "block", 2, checkpoint_interval=0)
+    run_dir = tmp_path / "runs" / "preempted"
+    proc = start_train(tmp_path, config, 1)
+    wait_for_step(run_dir, 4, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # what SLURM sends on preemption / scancel
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "saved step" in output and "--resume auto" in output
+    run = Run(run_dir).load()
+    last = max(run.losses())
+    assert not any(r["kind"] == "final" for r in run.records) and last < 25
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == [f"step_{last:08d}"]  # saved at the step it stopped after, though no interval asked for it
+    marker = json.loads((run_dir / "checkpoints" / ckpts[0] / "COMPLETE").read_text())
+    assert marker["step"] == last and marker["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_a_clear_message(prepared_data, tmp_path):
+    config = write_config(tmp_path, prepared_data, "diverges", None, 1, optimizer={"lr": 1e12}, grad_clip=0.0,
+                          schedule={"warmup_steps": 0})
+    run = run_train(tmp_path, config, 1)
+    assert run.proc.returncode == 2
+    line = run.proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("sparse-dc train: error: loss is") and "no checkpoint was saved yet" in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.micro_batch=0", "train.micro_batch=0: expected an integer >= 1"),
+    ("train.precision=fp8", "train.precision='fp8': expected one of 'fp32', 'bf16', 'fp16'"),
+    ("train.deepspeed.zero_stage=4", "train.deepspeed.zero_stage=4: expected 1, 2 or 3"),
+    ("train.global_batch=10", "train.global_batch=10: expected a positive multiple of micro_batch=4"),
+    ("train.optimiser.lr=1", "train.optimiser: unknown config section"),
+])
+def test_config_error_exits_2_with_one_line(prepared_data, tmp_path, override, message):
+    config = write_config(tmp_path, prepared_data, "bad", "block")
+    proc = subprocess.run([sys.executable, "-m", "sparse_dc.cli", "train", "--config", str(config), override],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_rendezvous_env_for_each_launcher():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[007-010,012]",
+           "SLURM_JOB_ID": "4242"}
+    denv = setup_env(env)
+    assert (denv.rank, denv.local_rank, denv.world_size, denv.launcher) == (3, 1, 8, "slurm")
+    assert env["MASTER_ADDR"] == "gpu007" and env["MASTER_PORT"] == "24242" and env["RANK"] == "3"
+    torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
+                "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}  # a launcher inside an allocation wins over SLURM
+    assert setup_env(torchrun) == type(denv)(1, 1, 2, "torchrun/deepspeed")
+    single = {}
+    assert setup_env(single).launcher == "single" and single["WORLD_SIZE"] == "1" and int(single["MASTER_PORT"]) > 0
+    assert first_slurm_host("node1,node2") == "node1" and first_slurm_host("a[1-2]") == "a1"
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    s = ScheduleConfig(warmup_steps=4, decay="cosine", min_lr_ratio=0.1)
+    factors = [s.lr_factor(i, 20) for i in range(20)]
+    assert factors[:4] == [0.2, 0.4, 0.6, 0.8] and factors[4] == 1.0
+    assert factors[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(factors[4:], factors[5:]))

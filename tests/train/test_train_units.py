@@ -1,0 +1,60 @@
+"""In-process checks of the pieces without DeepSpeed: checkpoint completeness, ledger appends under concurrency,
+the generated DeepSpeed JSON."""
+import json
+import multiprocessing as mp
+
+import pytest
+
+from sparse_dc.config.base import ConfigError
+from sparse_dc.train.checkpoint import MARKER, Checkpointer, complete_checkpoints
+from sparse_dc.train.config import TrainConfig
+from sparse_dc.train.ledger import SHARED_FIELDS, append_row, read_ledger
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step, complete in ((10, True), (20, True), (30, False)):  # 30: killed while saving
+        tag = ckpts / f"step_{step:08d}"
+        tag.mkdir(parents=True)
+        (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        if complete:
+            (tag / MARKER).write_text(json.dumps({"step": step}))
+    (ckpts / "step_junk").mkdir()
+    assert complete_checkpoints(str(ckpts)) == [(10, "step_00000010"), (20, "step_00000020")]
+    assert Checkpointer(str(tmp_path / "run"), 0, 1, keep=2).latest() == (20, "step_00000020")
+    assert Checkpointer(str(tmp_path / "other"), 0, 1, keep=2).latest() is None
+
+
+def _append_many(path: str, worker: int) -> None:
+    for i in range(40):
+        append_row(path, {**{f: worker for f in SHARED_FIELDS}, "i": i, "pad": "x" * (1000 * (i % 5))})
+
+
+def test_ledger_appends_from_many_processes_never_tear(tmp_path):
+    path = str(tmp_path / "sub" / "ledger.jsonl")
+    procs = [mp.get_context("fork").Process(target=_append_many, args=(path, w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    rows = read_ledger(path)
+    assert len(rows) == 160 and sorted((r["name"], r["i"]) for r in rows) == [(w, i) for w in range(4)
+                                                                                for i in range(40)]
+
+
+def test_ledger_row_needs_the_shared_fields(tmp_path):
+    with pytest.raises(Exception, match="val_loss"):
+        append_row(str(tmp_path / "l.jsonl"), {f: 1 for f in SHARED_FIELDS if f != "val_loss"})
+
+
+def test_deepspeed_json_is_generated_from_the_config():
+    extra = {"zero_optimization": {"stage3_max_live_parameters": 7}}
+    cfg = TrainConfig.from_dict({"micro_batch": 2, "global_batch": 16, "precision": "bf16", "grad_clip": 0.5,
+                                 "deepspeed": {"zero_stage": 3, "extra": extra}})
+    ds = cfg.deepspeed_config(world_size=4)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_max_live_parameters"] == 7
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
+    with pytest.raises(ConfigError, match="micro_batch x world size = 2 x 3"):
+        cfg.deepspeed_config(world_size=3)
