@@ -13,6 +13,10 @@ from sparse_dc.config.base import load_config
 from sparse_dc.config.run import RunConfig
 from sparse_dc.errors import SparseDCError
 
+# Exit status after SIGTERM/SIGUSR1 made the run save and stop early (EX_TEMPFAIL): "resumable, run me again".
+# launch/slurm/train.sbatch requeues the job on it.
+EXIT_STOPPED = 75
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparse-dc train", description="Train a sparse Llama with DeepSpeed ZeRO.")
@@ -35,16 +39,16 @@ def main(argv: list[str]) -> int:
         if args.print_config:
             print(cfg.to_yaml(), end="")
             return 0
-        run(cfg, args.resume)
+        finished = run(cfg, args.resume)
     except SparseDCError:
         if launch_rank != 0:
             os._exit(2)
         raise
-    return 0
+    return 0 if finished else EXIT_STOPPED
 
 
-def run(cfg: RunConfig, resume: str) -> None:
-    """Rendezvous, build, resume or refuse to clobber, train."""
+def run(cfg: RunConfig, resume: str) -> bool:
+    """Rendezvous, build, resume or refuse to clobber, train; False when a signal stopped it after a save."""
     from sparse_dc.train.dist import init_distributed, setup_env, silence_non_main
 
     denv = setup_env()
@@ -63,8 +67,9 @@ def run(cfg: RunConfig, resume: str) -> None:
     elif trainer.checkpointer.latest() is not None:
         raise ResumeError(f"run {cfg.name!r} already has checkpoints in {trainer.checkpointer.dir}: expected "
                           "--resume auto to continue it, or a new name (name=...) to start over")
-    trainer.train()
+    row = trainer.train()
     dist.destroy_process_group()
+    return row is not None
 
 
 if __name__ == "__main__":
