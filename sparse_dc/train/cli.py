@@ -67,9 +67,9 @@ def run(cfg: RunConfig, resume: str) -> bool:
     elif trainer.checkpointer.latest() is not None:
         raise ResumeError(f"run {cfg.name!r} already has checkpoints in {trainer.checkpointer.dir}: expected "
                           "--resume auto to continue it, or a new name (name=...) to start over")
-    row = trainer.train()
+    trainer.train()
     dist.destroy_process_group()
-    return row is not None
+    return not trainer.stopped_by_signal
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, denv: DistEnv, device: str):
         self.cfg, self.tc, self.denv, self.device = cfg, cfg.train, denv, device
         self.run_dir = os.path.join(cfg.output_dir, cfg.name)
+        self.stopped_by_signal = False  # set when SIGTERM/SIGUSR1 made train() save and return early
         self.budget = TokenBudget.from_config(cfg.data)
         self.plan = self.budget.plan
         self.total_steps = self.budget.num_batches(self.tc.global_batch)
@@ -167,6 +168,7 @@ class Trainer:
                 if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < self.total_steps:
                     self.evaluate()
                 if stop.requested():
+                    self.stopped_by_signal = True
                     self.save()
                     self.metrics.message(f"{stop.name()}: saved step {self.step} and stopped; continue with "
                                          "--resume auto")
