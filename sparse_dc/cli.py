@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sparse_dc.train.cli", "train a sparse Llama with DeepSpeed ZeRO"),
     "export": ("sparse_dc.train.export", "consolidate a ZeRO checkpoint into a Hugging Face Llama folder"),
     "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),
+    "sweep": ("sparse_dc.launch.cli", "run a grid of training runs (local torchrun or SLURM) into one ledger"),
+    "quickstart": ("sparse_dc.launch.quickstart", "the whole pipeline on the built-in corpus, on CPU, in minutes"),
 }
 
 
