@@ -31,6 +31,8 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # `deepspeed --no_python sparse-dc train ...` puts --local_rank=N before the command; LOCAL_RANK is read instead
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -54,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare_data(out: str, vocab_size: int) -> str:
-    from sparse_dc.data.corpus import builtin_documents  # noqa: F401 (fails early if the corpus is unavailable)
     from sparse_dc.data.prepare import PrepareConfig, prepare
 
     data_dir = os.path.join(out, "data")
@@ -114,8 +114,6 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _ppl(loss: float) -> float:
-    import math
-
     return math.exp(loss) if loss < 700 else math.inf
 
 
@@ -186,8 +184,6 @@ def main(argv: list[str]) -> int:
     config = write_base_config(out, data_dir, args.epochs)
     stage(2, f"training tiny dense and 50%-sparse models, {args.nproc} DeepSpeed rank(s) each "
              f"(config {config}; logs in {os.path.join(out, 'logs')})")
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="      %(message)s")
     runs, ledger = train_runs(config, args.nproc)
 
@@ -213,5 +209,5 @@ def main(argv: list[str]) -> int:
                         ("ledger", ledger), ("table", summary), ("curves", png)):
         print(f"  {label:<7} {path}")
     print(f"next: sparse-dc law fit {ledger} --out {os.path.join(out, 'fit.json')} --anchor paper  (needs 4+ runs: "
-          "sparse-dc sweep)", file=sys.stdout)
+          "sparse-dc sweep)")
     return 0
