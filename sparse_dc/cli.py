@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sparse_dc.train.cli", "train a sparse Llama with DeepSpeed ZeRO"),
     "export": ("sparse_dc.train.export", "consolidate a ZeRO checkpoint into a Hugging Face Llama folder"),
     "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),
+    "sweep": ("sparse_dc.launch.cli", "run a grid of training runs (local torchrun or SLURM) into one ledger"),
+    "quickstart": ("sparse_dc.launch.quickstart", "the whole pipeline on the built-in corpus, on CPU, in minutes"),
 }
 
 
@@ -29,6 +31,8 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # `deepspeed --no_python sparse-dc train ...` puts --local_rank=N before the command; LOCAL_RANK is read instead
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

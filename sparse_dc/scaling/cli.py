@@ -9,7 +9,7 @@ from typing import Any
 
 from sparse_dc.config import parse_quantity, write_text_atomic
 from sparse_dc.errors import SparseDCError
-from sparse_dc.scaling.fit import FitResult, fit_law, load_fit
+from sparse_dc.scaling.fit import FitResult, fit_anchored, fit_law, load_fit
 from sparse_dc.scaling.forms import LawForm, find_preset
 from sparse_dc.scaling.ledger import read_runs
 from sparse_dc.scaling.optimize import MIN_DENSITY, plan, predict_loss, training_config
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--form", default="paper", choices=("paper", "muennighoff", "chinchilla"))
     f.add_argument("--stages", default="paper", choices=("paper", "joint"),
                    help="paper: the paper's staged fit; joint: then all coefficients together")
+    f.add_argument("--anchor", metavar="PRESET",
+                   help="few runs: start from this preset (e.g. paper) and refit only --free on all runs")
+    f.add_argument("--free", default="a,b,e", help="with --anchor: coefficients to refit (default a,b,e)")
     f.add_argument("--bootstrap", type=int, default=0, metavar="K", help="K resampled refits for intervals")
     f.add_argument("--cv", type=int, default=0, metavar="K", help="K-fold cross-validation error")
     f.add_argument("--holdout-above", type=str, metavar="N",
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.add_argument("--write-config", metavar="FILE.yaml", help="write a `sparse-dc train` config for the plan")
     q.add_argument("--name", default=None, help="run name in the written config")
+    q.add_argument("--data-dir", default="runs/data/corpus", help="data.dir in the written config")
     q.set_defaults(func=cmd_plan)
     return parser
 
@@ -130,7 +134,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.holdout_above is not None:
         above = _positive("--holdout-above")(args.holdout_above)
         runs, test = uncertainty.holdout_split(runs, above)
-    fit = fit_law(runs, args.form, args.stages, progress=True)
+    if args.anchor:
+        form, anchor = find_preset(args.anchor)
+        if args.bootstrap or args.cv:
+            raise SparseDCError("--anchor: bootstrap and cross-validation are not offered for anchored fits")
+        fit = fit_anchored(runs, form, anchor, tuple(k.strip() for k in args.free.split(",") if k.strip()))
+    else:
+        fit = fit_law(runs, args.form, args.stages, progress=True)
     for stage in fit.stages:
         print(f"  stage {stage['name']:<22} runs {stage['n_runs']:>4}  starts {stage['starts']:>4}  "
               f"objective {stage['objective']:.4g}  {stage['seconds']:.2f}s")
@@ -182,7 +192,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         import yaml
 
         name = args.name or f"plan-{result.preset}-d{result.density:.3f}-U{u:.2g}".replace("+", "")
-        write_text_atomic(args.write_config, yaml.safe_dump(training_config(result, name), sort_keys=False))
+        config = training_config(result, name, args.data_dir)
+        write_text_atomic(args.write_config, yaml.safe_dump(config, sort_keys=False))
         if not args.json:
             print(f"wrote {args.write_config}")
     return 0

@@ -24,7 +24,7 @@ from sparse_dc.scaling.forms import LawForm, get_form
 from sparse_dc.scaling.ledger import Runs
 
 DELTA = 1e-3
-Procedure = Literal["paper", "joint"]
+Procedure = Literal["paper", "joint", "anchored"]
 
 
 class FitError(SparseDCError):
@@ -224,3 +224,30 @@ def fit_law(runs: Runs, form: str | LawForm = "paper", procedure: Procedure = "p
     params = law.check_params(current)
     return FitResult(form=law.name, params=params, objective=float(objective(law, params, runs, delta)),
                      metrics=fit_metrics(law, params, runs), procedure=procedure, stages=reports)
+
+
+def fit_anchored(runs: Runs, form: str | LawForm, anchor: Mapping[str, float], free: tuple[str, ...],
+                 delta: float = DELTA, solver: Solver = "lsq") -> FitResult:
+    """Refit only `free` on all runs, the other coefficients held at `anchor` (a published preset).
+
+    For ledgers too small for the staged fit (a handful of runs at one model size, e.g. the quickstart or a
+    pilot sweep): it recalibrates the law's scale to a new tokenizer/corpus (free a, b, e: the parameter-term,
+    data-term and irreducible-loss scales) and keeps the paper's exponents and sparsity/repetition shape. It
+    says nothing about those shapes: fit them with procedure 'paper' once the ledger covers the paper's stages.
+    """
+    law = get_form(form) if isinstance(form, str) else form
+    unknown = [k for k in free if k not in law.param_names]
+    if not free or unknown:
+        raise FitError(f"free={','.join(free) or '(none)'}: expected some of {', '.join(law.param_names)}")
+    if len(runs) < len(free) + 1:
+        raise FitError(f"an anchored fit of {', '.join(free)} needs at least {len(free) + 1} runs; the ledger has "
+                       f"{len(runs)}")
+    t0 = time.perf_counter()
+    current = law.check_params(anchor)
+    starts = np.array([[current[k] for k in free]])
+    current, obj = fit_stage(law, runs, free, current, starts, 1, delta, solver)
+    params = law.check_params(current)
+    report = {"name": "anchored", "free": list(free), "n_runs": len(runs), "starts": 1, "objective": obj,
+              "seconds": time.perf_counter() - t0}
+    return FitResult(form=law.name, params=params, objective=float(objective(law, params, runs, delta)),
+                     metrics=fit_metrics(law, params, runs), procedure="anchored", stages=[report])

@@ -173,11 +173,12 @@ def plan(form: LawForm, params: Mapping[str, float], unique_tokens: float, compu
                 loss_optimal_density=loss_optimal_density(form, params, n_dense, unique_tokens, tokens, min_density)[0])
 
 
-def training_config(p: Plan, name: str, seq_len: int = 256) -> dict[str, Any]:
-    """The `sparse-dc train` config for a plan. Kept in one place: the training config tree is still evolving
-    (sections `model` and `sparsity` are owned by other stages), so adjust only this function when it settles."""
-    return {"name": name,
-            "data": {"unique_tokens": int(p.unique_tokens), "seq_len": seq_len, "epochs": None,
-                     "total_tokens": int(p.tokens)},
-            "model": {"preset": p.preset},
-            "sparsity": {"density": round(p.density, 6)}}
+def training_config(p: Plan, name: str, data_dir: str = "runs/data/corpus", seq_len: int = 256) -> dict[str, Any]:
+    """The `sparse-dc train` config for a plan: the paper preset of its model size (launch/configs/) at the
+    planned density, trained for exactly the planned tokens on the planned unique budget."""
+    from sparse_dc.launch.presets import paper_preset
+
+    if seq_len != 256:
+        raise PlanError(f"seq_len={seq_len}: the presets (and the paper's runs) use 256")
+    return paper_preset(p.preset, round(p.density, 6), data_dir=data_dir, unique_tokens=int(p.unique_tokens),
+                        epochs=None, total_tokens=int(p.tokens), name=name)

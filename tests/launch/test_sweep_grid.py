@@ -48,3 +48,13 @@ def test_slurm_command_submits_the_sbatch_script(base):
     cmd = slurm_command(run, base, ["--nodes=2"])
     assert cmd[:3] == ["sbatch", f"--job-name={run.name}", "--nodes=2"]
     assert cmd[3].endswith("launch/slurm/train.sbatch") and cmd[4] == base and f"name={run.name}" in cmd
+
+
+def test_console_script_lists_sweep_and_quickstart_and_ignores_deepspeed_local_rank(capsys):
+    from sparse_dc.cli import main
+
+    assert main(["--help"]) == 0 and {"sweep", "quickstart"} <= set(capsys.readouterr().out.split())
+    # `deepspeed --no_python sparse-dc train ...` runs `sparse-dc --local_rank=N train ...`
+    assert main(["--local_rank=1", "law", "predict", "--preset", "paper", "--dense-params", "1e8",
+                 "--unique-tokens", "1e9", "--tokens", "1e9", "--density", "1"]) == 0
+    assert "predicted loss" in capsys.readouterr().out
