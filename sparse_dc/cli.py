@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sparse_dc.train.cli", "train a sparse Llama with DeepSpeed ZeRO"),
     "export": ("sparse_dc.train.export", "consolidate a ZeRO checkpoint into a Hugging Face Llama folder"),
     "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),
+    "reproduce": ("sparse_dc.reproduce.cli", "train a small grid, fit the law, report on the paper's findings"),
 }
 
 
