@@ -7,6 +7,7 @@
 Plans sizes x densities {1, 0.5, 0.25, 0.125} x epochs {1, 2, 4, 8, 16} at one unique-token budget U, trains the
 grid through the sweep runner (re-running skips finished runs), fits the sparse data-constrained law with
 bootstrap intervals, scores it on the largest size held out, and writes OUT/report/report.md with its figures.
+With --launcher slurm the runs are submitted; run again with --report-only once they have finished.
 """
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default runs/reproduce-<scale>)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local")
     p.add_argument("--nproc", type=int, default=1, help="ranks per local run (torchrun when > 1)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per rank for local runs (OMP_NUM_THREADS; default 1: on a shared 2-core "
-                        "machine 2 threads per rank measured ~7x slower)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank for local runs (OMP_NUM_THREADS; default 1 unless the environment "
+                        "sets it: on a shared 2-core machine 2 threads per rank measured ~7x slower)")
     p.add_argument("--bootstrap", type=int, default=None, metavar="K", help="bootstrap resamples (default: per scale)")
     p.add_argument("--dry-run", action="store_true", help="plan and print the runs, train nothing")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: fit and report from the ledger (e.g. once submitted SLURM jobs finished)")
     p.add_argument("sbatch_args", nargs="*", help="after --: extra sbatch arguments for --launcher slurm")
     return p
 
@@ -44,44 +47,37 @@ def main(argv: list[str]) -> int:
     from sparse_dc.reproduce.plan import plan_runs, prepare_data
 
     scale = get_scale(args.scale)
-    if args.nproc < 1 or args.threads < 1:
+    if args.nproc < 1 or (args.threads is not None and args.threads < 1):
         raise ReproduceError(f"--nproc {args.nproc} --threads {args.threads}: expected integers >= 1")
     out = args.out or os.path.join("runs", f"reproduce-{scale.name}")
     os.makedirs(out, exist_ok=True)
     data_dir = prepare_data(scale, args.data, out)
     base, runs = plan_runs(scale, data_dir, out, args.nproc)
     ledger = runs[0].config.train.ledger
-    env = {**os.environ}
-    env.setdefault("OMP_NUM_THREADS", str(args.threads))
-    if args.launcher == "local" and "CUDA_VISIBLE_DEVICES" not in env:
-        env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-    status = run_sweep(runs, base, ledger, os.path.join(out, "logs"), args.launcher, args.nproc,
-                       args.sbatch_args, args.dry_run, env)
-    counts = {s: list(status.values()).count(s) for s in sorted(set(status.values()))}
-    print(f"reproduce {scale.name}: {len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    if args.dry_run or args.launcher == "slurm":
-        if args.launcher == "slurm" and not args.dry_run:
-            print("submitted: run the same command again once the jobs have finished to fit and write the report")
-        return 0
-    if "failed" in status.values():
-        failed = [n for n, s in status.items() if s == "failed"]
-        raise ReproduceError(f"{len(failed)} run(s) failed ({', '.join(failed[:5])}...): see {out}/logs; "
-                             "re-run the same command to retry them")
+    status: dict[str, str] = {}
+    if not args.report_only:
+        env = dict(os.environ)
+        if args.launcher == "local":
+            env["OMP_NUM_THREADS"] = str(args.threads or env.get("OMP_NUM_THREADS", 1))
+        status = run_sweep(runs, base, ledger, os.path.join(out, "logs"), args.launcher, args.nproc,
+                           args.sbatch_args, args.dry_run, env)
+        counts = {s: list(status.values()).count(s) for s in sorted(set(status.values()))}
+        print(f"reproduce {scale.name}: {len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        if args.dry_run:
+            return 0
+        if "submitted" in status.values():
+            print("submitted to SLURM: once the jobs have finished, run the same command with --report-only")
+            return 0
+        if "failed" in status.values():
+            failed = [n for n, s in status.items() if s == "failed"]
+            raise ReproduceError(f"{len(failed)} run(s) failed ({', '.join(failed[:5])}): see {out}/logs; "
+                                 "re-run the same command to retry them")
     from sparse_dc.reproduce.report import write_report
 
     path = write_report(scale, ledger, [r.name for r in runs], os.path.join(out, "report"),
                         args.bootstrap if args.bootstrap is not None else scale.bootstrap, status)
     print(f"report: {path}")
     return 0
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover - torch is a hard requirement
-        return False
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from sparse_dc.reproduce.fit import BENIGN
 from sparse_dc.reproduce.plan import size_of
 from sparse_dc.scaling.fit import FitResult
 from sparse_dc.scaling.forms import SparseDataConstrained
@@ -97,8 +98,10 @@ def compute_optimal_vs_data(grid: Grid, fit: FitResult, runs: Runs) -> dict[str,
     compute = float(np.max(6 * runs.active_params * runs.tokens))
     lo = min(grid.densities)
     budgets = [grid.unique_tokens * f for f in U_FACTORS]
-    rows = [compute_optimal(fit.law, fit.params, compute, u, lo, 1.0, min_active=0.01 * float(runs.active_params.min()),
-                            min_tokens=0.01 * grid.unique_tokens) for u in budgets]
+    with np.errstate(**BENIGN):
+        rows = [compute_optimal(fit.law, fit.params, compute, u, lo, 1.0,
+                                min_active=0.01 * float(runs.active_params.min()), min_tokens=0.01 * grid.unique_tokens)
+                for u in budgets]
     dens = np.array([r["density"] for r in rows])
     lopt = loss_optimal_density(fit.law, fit.params, rows[U_FACTORS.index(1.0)]["dense_params"], grid.unique_tokens,
                                 rows[U_FACTORS.index(1.0)]["tokens"], lo)[0]

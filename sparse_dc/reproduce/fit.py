@@ -32,6 +32,11 @@ GRID = {"a": (0.0, 2.0, 4.0, 6.0, 8.0, 10.0), "b": (0.0, 2.0, 4.0, 6.0, 8.0, 10.
         "e": (-1.0, 0.0, 0.5, 1.0, 1.5), "g2": (1.0, 3.0, 10.0, 30.0), "eps": (-0.5, 0.0, 0.5)}
 
 
+# Far from the data R_N = N / U_N - 1 overflows to inf, which the law maps to its finite limit N_eff = U_N (1 + R_N*):
+# that overflow is silenced (only that one) around law evaluations
+BENIGN = {"over": "ignore"}
+
+
 @dataclass
 class Analysis:
     """Everything the report states about the fit."""
@@ -110,14 +115,14 @@ def analyse(runs: Runs, n_bootstrap: int, seed: int = 0) -> Analysis:
         notes.append("one model size: no held-out evaluation")
     free, why = choose_free(train)  # chosen on the smaller set so both fits use the same form
     form = reduced_form(free)
-    fit = fit_law(runs, form, "paper", top_k=5)
-    samples = bootstrap(runs, fit, n_bootstrap, seed=seed) if n_bootstrap > 0 else []
-    fit.bootstrap = samples or None
-    ci = intervals(samples) if samples else {}
     holdout_fit = holdout = None
-    if test is not None:
-        holdout_fit = fit_law(train, form, "paper", top_k=5)
-        holdout = holdout_report(holdout_fit, test, above)
-        fit.holdout = holdout
+    with np.errstate(**BENIGN):
+        fit = fit_law(runs, form, "paper", top_k=5)
+        samples = bootstrap(runs, fit, n_bootstrap, seed=seed) if n_bootstrap > 0 else []
+        if test is not None:
+            holdout_fit = fit_law(train, form, "paper", top_k=5)
+            holdout = holdout_report(holdout_fit, test, above)
+    fit.bootstrap, fit.holdout = samples or None, holdout
+    ci = intervals(samples) if samples else {}
     return Analysis(form=form.name, free=free, fixed=why, fit=fit, intervals=ci, holdout_fit=holdout_fit,
                     holdout=holdout, notes=notes)

@@ -83,7 +83,7 @@ SCALES: dict[str, Scale] = {
     "ci": Scale(
         name="ci", description="test-only smoke grid: 2 sizes x 2 densities x 2 epochs (not a reproduction)",
         sizes={"h16": _shape(16, 32, 2, 1), "h32": _shape(32, 64, 2, 1)},
-        unique_tokens=2048, densities=(1.0, 0.5), epochs=(1, 2), seq_len=32, val_tokens=2048, vocab_size=300,
+        unique_tokens=2048, densities=(1.0, 0.5), epochs=(1, 2), seq_len=32, val_tokens=2048,
         train=_cpu_train(8, 3e-3, 2), sparsity={**_SET, "update_frequency": 4}, bootstrap=10),
     "tiny": Scale(
         name="tiny", description="2-core CPU, built-in corpus: 3 tiny Llamas (5e4..5e5 dense parameters), "

@@ -100,3 +100,16 @@ def test_report_refuses_an_incomplete_ledger(tmp_path, synthetic):
     names = synthetic(tmp_path / "l.jsonl", scale)
     with pytest.raises(ReproduceError, match="1 planned run\\(s\\) are not in"):
         write_report(scale, str(tmp_path / "l.jsonl"), names + ["h64-d0.5-e32"], str(tmp_path / "r"), 0)
+
+
+def test_report_only_fits_an_existing_ledger(tmp_path, synthetic, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"total_tokens": 10**6}))
+    out.mkdir()
+    synthetic(out / "ledger.jsonl", get_scale("ci"))  # as if submitted jobs had finished
+    args = ["reproduce", "--scale", "ci", "--data", str(data), "--out", str(out), "--report-only"]
+    assert cli_main(args) == 0
+    assert "report: " in capsys.readouterr().out and not (out / "logs").exists()  # nothing was trained
+    report = (out / "report" / "report.md").read_text()
+    assert "This invocation: report only" in report and "**Held out**: the 4 runs" in report
