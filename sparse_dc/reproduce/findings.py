@@ -68,11 +68,16 @@ def saturation(grid: Grid, fit: FitResult) -> dict[str, Any]:
     mid = grid.sizes[len(grid.sizes) // 2]
     knee = [diminishing_returns_epochs(law, fit.params, grid.dense_params[mid] * d, grid.unique_tokens, d)
             for d in grid.densities]
-    dense_late, sparse_late = float(late[0]), late[1:]
+    # per size: does each sparse density still gain more from the last doubling than dense does?
+    per_size = norm[:, :, -2] - norm[:, :, -1] if len(grid.epochs) >= 2 else np.zeros(norm.shape[:2])
+    pairs = per_size[:, 1:] > per_size[:, :1]
+    rising = per_size < 0  # validation loss went up over the last doubling: the repeated data is being memorised
     return {"densities": grid.densities, "late_gain": late.tolist(), "total_gain": total.tolist(),
             "rd_star": np.atleast_1d(rd_star).tolist(), "knee_epochs": knee, "knee_size": mid,
-            "sparse_later": int(np.sum(sparse_late > dense_late)), "n_sparse": int(len(sparse_late)),
-            "late_ratio": float(np.nanmean(sparse_late) / dense_late) if dense_late > 0 else float("inf")}
+            "sparse_later": int(pairs.sum()), "n_pairs": int(pairs.size),
+            "rising": [f"{grid.sizes[i]} d{grid.densities[j]:g}" for i, j in zip(*np.nonzero(rising))],
+            "best_epochs": [[grid.epochs[int(np.nanargmin(grid.loss[i, j]))] for j in range(len(grid.densities))]
+                            for i in range(len(grid.sizes))]}
 
 
 def loss_optimal(grid: Grid, fit: FitResult) -> dict[str, Any]:
@@ -88,9 +93,11 @@ def loss_optimal(grid: Grid, fit: FitResult) -> dict[str, Any]:
                for size in grid.sizes}
     values, counts = np.unique(best[np.isfinite(best)], return_counts=True)
     interior = float(np.mean((best < 1) & (best > lo))) if best.size else float("nan")
+    sparse_wins = float(np.mean(best < 1)) if best.size else float("nan")
     return {"best": best.tolist(), "gain_vs_dense": gain.tolist(), "law_optimum": law_opt,
             "mode": float(values[np.argmax(counts)]) if len(values) else float("nan"),
-            "counts": {float(v): int(c) for v, c in zip(values, counts)}, "interior_fraction": interior}
+            "counts": {float(v): int(c) for v, c in zip(values, counts)}, "interior_fraction": interior,
+            "sparse_wins": sparse_wins, "sparsest": lo}
 
 
 def compute_optimal_vs_data(grid: Grid, fit: FitResult, runs: Runs) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def test_verdicts_follow_the_data(tmp_path, synthetic):
     names = synthetic(tmp_path / "dense.jsonl", scale, params=worse)
     text = open(write_report(scale, str(tmp_path / "dense.jsonl"), names, str(tmp_path / "b"), 4)).read()
     assert _verdicts(text)[:2] == ["does not support", "does not support"]
-    assert "lowest observed loss is at density 1 most often" in text
+    assert "the best density is 1 most often" in text
 
 
 def test_report_refuses_an_incomplete_ledger(tmp_path, synthetic):
