@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),
     "sweep": ("sparse_dc.launch.cli", "run a grid of training runs (local torchrun or SLURM) into one ledger"),
     "quickstart": ("sparse_dc.launch.quickstart", "the whole pipeline on the built-in corpus, on CPU, in minutes"),
+    "reproduce": ("sparse_dc.reproduce.cli", "train a small grid, fit the law, report on the paper's findings"),
 }
 
 

@@ -192,6 +192,13 @@ def get_form(name: str) -> LawForm:
     return _FORMS[name]
 
 
+def register_form(form: LawForm) -> LawForm:
+    """Make `form` reachable by name through `get_form` (bootstrap refits look forms up by name), e.g. a reduction
+    of the paper's law with some coefficients fixed. Returns `form`."""
+    _FORMS[form.name] = form
+    return form
+
+
 def find_preset(name: str) -> tuple[LawForm, dict[str, float]]:
     """(form, coefficients) for a published preset name ('paper', 'muennighoff', 'chinchilla')."""
     for form in _FORMS.values():

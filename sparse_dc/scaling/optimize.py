@@ -56,15 +56,17 @@ def loss_optimal_density(form: LawForm, params: Mapping[str, float], dense_param
 
 
 def compute_optimal(form: LawForm, params: Mapping[str, float], compute: float, unique_tokens: float,
-                    min_density: float = MIN_DENSITY, max_density: float = 1.0) -> dict[str, float]:
+                    min_density: float = MIN_DENSITY, max_density: float = 1.0, min_active: float = 1e5,
+                    min_tokens: float = 1e6) -> dict[str, float]:
     """Minimise loss over (N_active, S) with D = C / (6 N_active) and U unique tokens.
 
+    The search keeps N_active >= min_active and D >= min_tokens (lower both for toy-scale laws).
     Returns active_params, density, dense_params (= N_active / S), tokens, epochs (= D / U) and loss.
     """
-    lo_n, hi_n = np.log(1e5), np.log(compute / 6 / 1e6)  # at least 1e5 active parameters and 1e6 tokens
+    lo_n, hi_n = np.log(min_active), np.log(compute / 6 / min_tokens)
     if hi_n <= lo_n:
-        raise PlanError(f"compute={compute:.3g}: expected at least {6 * 1e5 * 1e6 * 10:.0e} FLOPs "
-                        "(1e5 parameters x 1e7 tokens)")
+        raise PlanError(f"compute={compute:.3g}: expected at least {6 * min_active * min_tokens * 10:.0e} FLOPs "
+                        f"({min_active:.0e} parameters x {10 * min_tokens:.0e} tokens)")
     if not 0 < min_density <= max_density <= 1:
         raise PlanError(f"density bounds [{min_density}, {max_density}]: expected 0 < min <= max <= 1")
     log_c6 = np.log(compute / 6)
