@@ -141,12 +141,9 @@ def law_prediction() -> str:
 
 def plot_curves(run_dirs: dict[str, str], path: str) -> str:
     """Training loss vs tokens (lines) and validation loss (markers) of every run, from their metrics.jsonl."""
-    import matplotlib
+    from sparse_dc.scaling.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for (name, run_dir), color in zip(run_dirs.items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
             records = [json.loads(line) for line in fh if line.strip()]
@@ -163,11 +160,7 @@ def plot_curves(run_dirs: dict[str, str], path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str]) -> int:

@@ -10,11 +10,11 @@ from sparse_dc.reproduce.findings import Grid
 from sparse_dc.scaling.fit import FitResult
 from sparse_dc.scaling.ledger import Runs
 from sparse_dc.scaling.optimize import predict_loss
-from sparse_dc.scaling.plots import _pyplot, _save, predicted_vs_observed
+from sparse_dc.scaling.plots import predicted_vs_observed, pyplot, save_figure
 
 
 def _panels(n: int, width: float = 4.0, height: float = 3.4):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, n, figsize=(width * n, height), sharey=True, squeeze=False)
     return fig, axes[0]
 
@@ -32,7 +32,7 @@ def saturation(grid: Grid, path: str) -> str:
     axes[0].set_ylabel(f"val loss / loss at {grid.epochs[0]:g} epoch")
     axes[-1].legend(fontsize=8)
     fig.suptitle(f"Repeated data at U = {grid.unique_tokens:.3g} tokens (flatter late = saturated)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_vs_density(grid: Grid, fit: FitResult, path: str) -> str:
@@ -55,18 +55,18 @@ def loss_vs_density(grid: Grid, fit: FitResult, path: str) -> str:
         ax.minorticks_off()
     axes[0].set_ylabel("validation loss (dashed: law, *: best)")
     axes[-1].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def compute_optimal_density(result: dict[str, Any], path: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(result["unique_tokens"], result["density"], "o-", label=f"compute-optimal, C = {result['compute']:.2g}")
     ax.axhline(result["loss_optimal_at_optimum"], color="gray", ls=":", label="loss-optimal at U (same N, D)")
     ax.set(xscale="log", ylim=(0, 1.05), xlabel="unique tokens U", ylabel="density",
            title="Fitted law: optimal density vs data budget")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def all_figures(grid: Grid, fit: FitResult, holdout_fit: FitResult | None, train: Runs, test: Runs | None,

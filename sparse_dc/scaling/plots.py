@@ -17,7 +17,8 @@ from sparse_dc.scaling.ledger import Runs
 from sparse_dc.scaling.optimize import compute_optimal, predict_loss
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (clusters and CI have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on clusters and CI
@@ -26,18 +27,19 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str, dpi: int = 130) -> str:
+    """Write `fig` to `path` atomically (temporary file, then rename) and close it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.path.splitext(path)[1]}"  # keep the suffix: matplotlib picks the format from it
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     os.replace(tmp, path)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def predicted_vs_observed(form: LawForm, params: Mapping[str, float], runs: Runs, path: str,
                           held_out: Runs | None = None) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     sets = [("fit", runs, "tab:blue")] + ([("held out", held_out, "tab:red")] if held_out is not None else [])
     for label, r, color in sets:
@@ -47,13 +49,13 @@ def predicted_vs_observed(form: LawForm, params: Mapping[str, float], runs: Runs
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
     ax.set(xlabel="observed validation loss", ylabel="predicted loss", title=f"{form.name} law")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def isoflop(form: LawForm, params: Mapping[str, float], unique_tokens: float, path: str,
             computes: Sequence[float] = (1e18, 1e19, 1e20, 1e21),
             densities: Sequence[float] = (1.0, 0.5, 0.25, 0.0625)) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(densities), figsize=(4 * len(densities), 3.6), sharey=True)
     n = np.geomspace(1e6, 1e11, 300)
     for ax, s in zip(np.atleast_1d(axes), densities):
@@ -66,11 +68,11 @@ def isoflop(form: LawForm, params: Mapping[str, float], unique_tokens: float, pa
         ax.set(xscale="log", xlabel="active parameters N", title=f"density {s:g}, U={unique_tokens:.2g}")
     np.atleast_1d(axes)[0].set_ylabel("predicted loss")
     np.atleast_1d(axes)[-1].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def isoloss(form: LawForm, params: Mapping[str, float], unique_tokens: float, density: float, path: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     n, d = np.meshgrid(np.geomspace(1e7, 1e10, 200), np.geomspace(1e8, 1e12, 200))
     loss = predict_loss(form, params, n, unique_tokens, d, density)
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -82,13 +84,13 @@ def isoloss(form: LawForm, params: Mapping[str, float], unique_tokens: float, de
     ax.set(xscale="log", yscale="log", xlim=(n.min(), n.max()), ylim=(d.min(), d.max()),
            xlabel="active parameters N", ylabel="total tokens D", title=f"isoLoss, density {density:g}")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def optimal_density_vs_data(form: LawForm, params: Mapping[str, float], path: str,
                             computes: Sequence[float] = (1e19, 1e20, 1e21),
                             unique_range: tuple[float, float] = (1e8, 1e11), min_density: float = 0.0625) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     budgets = np.geomspace(*unique_range, 13)
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in computes:
@@ -97,7 +99,7 @@ def optimal_density_vs_data(form: LawForm, params: Mapping[str, float], path: st
     ax.set(xscale="log", ylim=(0, 1.05), xlabel="unique tokens U", ylabel="compute-optimal density",
            title=f"{form.name} law")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def all_plots(form: LawForm, params: Mapping[str, float], runs: Runs, out_dir: str, held_out: Runs | None = None,
