@@ -16,6 +16,7 @@ from sparse_dc.reproduce.scales import ReproduceError, Scale
 from sparse_dc.scaling.forms import PAPER
 from sparse_dc.scaling.ledger import read_runs
 from sparse_dc.scaling.uncertainty import holdout_split
+from sparse_dc.train.ledger import read_ledger
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -43,7 +44,7 @@ def write_report(scale: Scale, ledger: str, names: list[str], out_dir: str, n_bo
     f3 = fnd.compute_optimal_vs_data(grid, an.fit, runs)
     train, test = holdout_split(runs, an.holdout["above"]) if an.holdout else (runs, None)
     figures = all_figures(grid, an.fit, an.holdout_fit, train, test, f3, out_dir)
-    rows = [json.loads(line) for line in open(ledger, encoding="utf-8") if line.strip()]
+    rows = read_ledger(ledger)
     hours = sum(r.get("wall_time_s") or 0 for r in rows if r.get("name") in names) / 3600
     lines = _header(scale, grid, runs, status, hours) + _fit_section(an) + _findings(grid, f1, f2, f3, an)
     lines += ["", "## Figures", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in figures.items()]
