@@ -31,6 +31,13 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_type: str =
             model_type=model_type,
             byte_fallback=True,  # no <unk> on unseen characters: bytes are in the vocabulary
             character_coverage=0.9995,
+            # Llama's settings: the text is kept as is (no NFKC, no collapsing of spaces, newlines as byte pieces),
+            # so decode(encode(text)) == text: indentation and line structure of code survive, and Hugging Face's
+            # LlamaTokenizer built from the same file encodes identically (see `sparse-dc export`).
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
             unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
             input_sentence_size=MAX_TRAINING_SENTENCES,
             shuffle_input_sentence=True,

@@ -49,8 +49,8 @@ def main(argv: list[str]) -> int:
     if args.json:
         print("\n".join(json.dumps(r) for r in table))
         return 0
-    head = ("preset", "hidden", "ffn", "dense", "active", "dense_non_embedding", "active_non_embedding",
-            "flops_per_token")
+    head = ("preset", "hidden", "ffn", "dense", "active", "law_dense", "law_active", "dense_non_embedding",
+            "active_non_embedding", "flops_per_token")
     print("  ".join(f"{h:>20}" if i > 2 else f"{h:>6}" for i, h in enumerate(head)))
     for r in table:
         ffn = f"{r['ffn']}" + ("*" if r["ffn"] != r["ffn_nominal"] else "")

@@ -1,10 +1,15 @@
 """Parameter accounting and FLOPs: the one place logs, the ledger and the scaling law take N from.
 
-Definitions (paper convention: raw counts, embeddings included):
+Definitions:
 - dense: every parameter of the dense-equivalent model (a sparse layer counts as its full out x in matrix),
-  token embedding and untied LM head included.
+  token embedding and untied LM head included (raw size: what memory and checkpoints hold).
 - active: the non-zero (trainable, live) parameters: a sparse layer counts only its live entries/blocks.
 - *_non_embedding: the same without the token embedding and the LM head (vocab x d each); norms are included.
+- law_dense / law_active: N as the scaling law counts it, the paper's convention: everything except the input
+  token-embedding table (a lookup, no FLOPs), so ONE vocab x d matrix (the head) is in. The paper's published
+  counts (60m 8.0e7, 120m 1.45e8, 480m 5.21e8, reference/model-sizes.md) are this number for its shapes, and
+  the law toolkit's MODEL_SIZES use it; the ledger's `dense_params`/`active_params` are these, so a ledger can be
+  fitted against (or anchored at) the paper's coefficients without a factor ~1.7 error in N for small models.
 A module takes part as a sparse layer by exposing `dense_numel` and `active_numel` (SparseLinear does).
 """
 from __future__ import annotations
@@ -21,9 +26,9 @@ _EMBEDDING_PARAMS = ("embed.weight", "head.weight")
 @dataclass(frozen=True)
 class ParamCounts:
     dense: int
-    """Dense-equivalent parameters, embedding and head included (the ledger's `dense_params`)."""
+    """Dense-equivalent parameters, embedding and head included (the ledger's `dense_params_total`)."""
     active: int
-    """Non-zero parameters, embedding and head included (the ledger's `active_params`)."""
+    """Non-zero parameters, embedding and head included (the ledger's `active_params_total`)."""
     dense_non_embedding: int
     active_non_embedding: int
     embedding: int
@@ -32,12 +37,22 @@ class ParamCounts:
     """LM-head parameters (vocab x d, untied)."""
 
     @property
+    def law_dense(self) -> int:
+        """Dense-equivalent N of the scaling law: all but the input embedding (the ledger's `dense_params`)."""
+        return self.dense - self.embedding
+
+    @property
+    def law_active(self) -> int:
+        """Active N of the scaling law: live parameters but the input embedding (the ledger's `active_params`)."""
+        return self.active - self.embedding  # the embedding table is never sparse
+
+    @property
     def density(self) -> float:
         """Active / dense over the non-embedding parameters (the sparse layers plus the small dense norms)."""
         return self.active_non_embedding / self.dense_non_embedding
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {**asdict(self), "law_dense": self.law_dense, "law_active": self.law_active}
 
 
 def tally(entries: list[tuple[str, int, int]]) -> ParamCounts:

@@ -86,7 +86,7 @@ SCALES: dict[str, Scale] = {
         unique_tokens=2048, densities=(1.0, 0.5), epochs=(1, 2), seq_len=32, val_tokens=2048,
         train=_cpu_train(8, 3e-3, 2), sparsity={**_SET, "update_frequency": 4}, bootstrap=10),
     "tiny": Scale(
-        name="tiny", description="2-core CPU, built-in corpus: 3 tiny Llamas (5e4..5e5 dense parameters), "
+        name="tiny", description="2-core CPU, built-in corpus: 3 tiny Llamas (4e4..4e5 dense parameters), "
                                  "U = 32K tokens; about 30 minutes",
         sizes={"h32": _shape(32, 64, 2, 2), "h64": _shape(64, 128, 4, 2), "h128": _shape(128, 256, 4, 2)},
         unique_tokens=32_768, train=_cpu_train(16, 3e-3, 10), sparsity=_SET),

@@ -4,6 +4,9 @@ Consolidates the ZeRO shards into fp32 weights (DeepSpeed's zero_to_fp32), rebui
 checkpoint recorded, densifies every SparseLinear (block values scattered into the dense matrix; pruned entries
 are zero), renames to `transformers.LlamaForCausalLM`'s keys and writes `model.safetensors` + `config.json`, so
 `LlamaForCausalLM.from_pretrained(HF_DIR)` (transformers: the optional `hf` extra) and lm-eval can load it.
+The run's SentencePiece tokenizer (from the prepared data directory the checkpoint's config names, checked against
+its manifest, or `--tokenizer FILE`) goes in as `tokenizer.model` + `tokenizer_config.json`, so
+`AutoTokenizer.from_pretrained(HF_DIR)` yields a LlamaTokenizer encoding as training did.
 
 RoPE convention: our attention rotates interleaved (even, odd) pairs (Meta's reference code); HF's Llama rotates
 the two halves of each head. The q and k rows are permuted per head as in transformers'
@@ -13,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import struct
 
 import torch
 
+from sparse_dc.config.run import RunConfig
 from sparse_dc.errors import SparseDCError
 
+log = logging.getLogger(__name__)
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -39,11 +45,17 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
                         "holding a complete checkpoint (one with a COMPLETE marker)")
 
 
+def run_config(root: str, tag: str) -> RunConfig:
+    """The RunConfig the checkpoint was written under."""
+    from sparse_dc.train.checkpoint import read_marker
+
+    return RunConfig.from_dict(read_marker(os.path.join(root, tag))["config"])
+
+
 def load_model(root: str, tag: str) -> torch.nn.Module:
     """Our model with the checkpoint's consolidated fp32 weights and topology (CPU, eval mode)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from sparse_dc.config.run import RunConfig
     from sparse_dc.model import build_model
     from sparse_dc.train.checkpoint import read_marker
 
@@ -94,6 +106,51 @@ def hf_config(model: torch.nn.Module) -> dict:
             "initializer_range": cfg.init_std, "torch_dtype": "float32"}
 
 
+def find_tokenizer(cfg: RunConfig, override: str | None) -> str | None:
+    """The tokenizer file to ship: `override`, else the one in the run's prepared data directory (which must match
+    its manifest's sha256). None, with a warning, when the data directory is gone and no override was given."""
+    from sparse_dc.data.shards import read_manifest, sha256_file
+
+    if override is not None:
+        if not os.path.isfile(override):
+            raise SparseDCError(f"--tokenizer {override}: no such file; expected a SentencePiece .model file")
+        return override
+    if not os.path.isfile(os.path.join(cfg.data.dir, "manifest.json")):
+        log.warning("the run's data directory %s is not here: the export has no tokenizer (pass --tokenizer FILE)",
+                    cfg.data.dir)
+        return None
+    tok = read_manifest(cfg.data.dir)["tokenizer"]
+    path = os.path.join(cfg.data.dir, tok["file"])
+    if not os.path.isfile(path) or sha256_file(path) != tok["sha256"]:
+        raise SparseDCError(f"{path}: missing or not the tokenizer {cfg.data.dir}'s manifest names "
+                            f"(sha256 {tok['sha256'][:12]}...); pass --tokenizer FILE")
+    return path
+
+
+def write_tokenizer(path: str, out_dir: str, max_seq_len: int) -> dict[str, int]:
+    """tokenizer.model + tokenizer_config.json for transformers' LlamaTokenizer. Documents were stored as
+    text + EOS with no BOS, so the HF tokenizer adds neither. Returns the special ids for config.json."""
+    from sparse_dc.data.tokenizer import processor_from_bytes
+
+    with open(path, "rb") as fh:
+        proto = fh.read()
+    try:
+        sp = processor_from_bytes(proto)
+    except Exception as exc:  # sentencepiece raises a bare RuntimeError/OSError on a bad proto
+        raise SparseDCError(f"--tokenizer {path}: not a SentencePiece model ({exc})") from None
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as fh:
+        fh.write(proto)
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "unk_token_id": sp.unk_id()}
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False,
+              "model_max_length": max_seq_len, "clean_up_tokenization_spaces": False}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id")):
+        if ids[key] >= 0:
+            config[name] = sp.id_to_piece(ids[key])
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2)
+    return {k: v for k, v in ids.items() if v >= 0 and k != "unk_token_id"}
+
+
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """The safetensors format (8-byte little-endian header size, JSON header of dtype/shape/byte offsets, raw
     little-endian data), written directly so export needs no extra package."""
@@ -113,16 +170,24 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
             fh.write(blob)
 
 
-def export(checkpoint: str, out: str) -> str:
+def export(checkpoint: str, out: str, tokenizer: str | None = None) -> str:
     """Write the HF folder `out` (atomically: built next to it, then renamed). Returns `out`."""
     root, tag = resolve_checkpoint(checkpoint)
+    tokenizer = find_tokenizer(run_config(root, tag), tokenizer)
     model = load_model(root, tag)
     tmp = f"{out.rstrip('/')}.tmp.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write_safetensors(os.path.join(tmp, "model.safetensors"), hf_state_dict(model))
-    with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
-        json.dump(hf_config(model), fh, indent=2)
+    try:
+        config = hf_config(model)
+        if tokenizer is not None:
+            config.update(write_tokenizer(tokenizer, tmp, model.cfg.max_seq_len))
+        write_safetensors(os.path.join(tmp, "model.safetensors"), hf_state_dict(model))
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -133,7 +198,9 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sparse-dc export",
                                 description="Consolidate a ZeRO checkpoint into a Hugging Face Llama folder.")
     p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or a step_* folder")
-    p.add_argument("--out", required=True, help="output folder (model.safetensors + config.json)")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors, config.json, tokenizer files)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="SentencePiece model to ship (default: the one in the run's prepared data directory)")
     args = p.parse_args(argv)
-    print(export(args.checkpoint, args.out))
+    print(export(args.checkpoint, args.out, args.tokenizer))
     return 0

@@ -1,9 +1,10 @@
 """The run ledger: one JSON line per finished run, read by the scaling-law toolkit (`sparse-dc law`).
 
-Shared field names (the law toolkit's contract): `name`, `dense_params` (all dense-equivalent parameters,
-embeddings included, the paper fit's convention), `active_params`, `density`, `unique_tokens`, `tokens`,
-`val_loss`. The rest: non-embedding counts, `epochs` (R = D / U), block size, DST method, throughput, wall time,
-config hash, git commit.
+Shared field names (the law toolkit's contract): `name`, `dense_params` (dense-equivalent N in the paper fit's
+convention: every parameter but the input embedding table, see sparse_dc/model/params.py), `active_params` (the
+same over live parameters), `density`, `unique_tokens`, `tokens`, `val_loss`. The rest: raw totals
+(`*_params_total`, embedding included) and non-embedding counts, `epochs` (R = D / U), block size, DST method,
+throughput, wall time, config hash, git commit.
 
 Appends are one `write()` of a whole line on an O_APPEND descriptor under an exclusive `flock`, so concurrent runs
 sharing a ledger (an array job on one filesystem) never interleave or tear lines.
@@ -62,12 +63,14 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
     """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan."""
     return {
         "name": cfg.name,
-        "dense_params": counts.dense,
-        "active_params": counts.active,
+        "dense_params": counts.law_dense,
+        "active_params": counts.law_active,
         "density": cfg.sparsity.density,
         "unique_tokens": plan.unique_tokens,
         "tokens": plan.total_tokens,
         "val_loss": val_loss,
+        "dense_params_total": counts.dense,
+        "active_params_total": counts.active,
         "dense_params_non_embedding": counts.dense_non_embedding,
         "active_params_non_embedding": counts.active_non_embedding,
         "density_measured": counts.density,

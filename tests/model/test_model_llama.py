@@ -53,6 +53,17 @@ def test_preset_counts_match_hand_formula(name):
     assert counts.embedding == counts.head == 32000 * shape.hidden_size
 
 
+@pytest.mark.parametrize("name,paper", [("60m", 8.0e7), ("120m", 1.45e8), ("480m", 5.21e8)])
+def test_law_counts_follow_the_papers_convention(name, paper):
+    """The ledger's N (law_dense) is within 3% of the paper's published count; the raw total is far off."""
+    counts = param_counts(ModelConfig(preset=name), SparsityConfig(), vocab_size=32000)
+    assert counts.law_dense == counts.dense - counts.embedding
+    assert abs(counts.law_dense / paper - 1) < 0.03
+    assert counts.dense / paper - 1 > 0.1
+    half = param_counts(ModelConfig(preset=name), SparsityConfig(density=0.5, block_size=64), vocab_size=32000)
+    assert half.law_active == half.active_non_embedding + half.head
+
+
 @pytest.mark.parametrize("block_size,distribution", [(1, "uniform"), (32, "erk"), (16, "am_ratio")])
 def test_built_model_counts_equal_analytic_counts(block_size, distribution):
     model_cfg = ModelConfig(n_layers=2)

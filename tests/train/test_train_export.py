@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from sparse_dc.cli import main as sparse_dc_main
-from sparse_dc.train.export import load_model, resolve_checkpoint
+from sparse_dc.data.corpus import builtin_documents
+from sparse_dc.data.tokenizer import processor_from_bytes
+from sparse_dc.errors import SparseDCError
+from sparse_dc.train.export import export, load_model, resolve_checkpoint, run_config
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +57,24 @@ def test_transformers_logits_match(exported):
     with torch.no_grad():
         ref, got = ours(tokens), hf(tokens).logits
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
+def test_export_ships_the_runs_tokenizer(exported):
+    transformers = pytest.importorskip("transformers")
+    run, out = exported
+    data_dir = run_config(*resolve_checkpoint(str(run.dir))).data.dir
+    proto = open(f"{data_dir}/tokenizer.model", "rb").read()
+    assert (out / "tokenizer.model").read_bytes() == proto
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    sp, hf = processor_from_bytes(proto), transformers.AutoTokenizer.from_pretrained(str(out))
+    docs = [d for _, d in zip(range(200), builtin_documents())]
+    assert all(hf(d)["input_ids"] == sp.encode(d) for d in docs)  # no BOS/EOS added, same pieces
+    assert hf.eos_token_id == 2 and hf.decode(sp.encode(docs[0])) == docs[0]
+
+
+def test_export_refuses_a_missing_tokenizer_and_writes_nothing(zero_run, tmp_path):
+    run = zero_run(3, "block")
+    with pytest.raises(SparseDCError, match="--tokenizer .*no such file"):
+        export(str(run.dir), str(tmp_path / "hf"), tokenizer=str(tmp_path / "nope.model"))
+    assert list(tmp_path.iterdir()) == []

@@ -39,7 +39,8 @@ def test_zero_run_trains_and_agrees(zero_run, stage, sparsity):
     val = [r["val_loss"] for r in run.records if r["kind"] == "eval"]
     assert len(val) == 3  # steps 10, 20 and the end
     assert row["name"] == cfg.name and row["val_loss"] == val[-1] and math.isfinite(row["val_loss"])
-    assert row["dense_params"] == counts.dense and row["active_params"] == counts.active
+    assert row["dense_params"] == counts.law_dense and row["active_params"] == counts.law_active
+    assert row["dense_params_total"] == counts.dense and row["active_params_total"] == counts.active
     assert row["dense_params_non_embedding"] == counts.dense_non_embedding
     assert row["density"] == 0.5 and row["block_size"] == cfg.sparsity.block_size
     assert row["unique_tokens"] == 4096 and row["tokens"] == 390 * 32 and row["epochs"] == 390 * 32 / 4096
