@@ -59,7 +59,7 @@ def test_law_counts_follow_the_papers_convention(name, paper):
     counts = param_counts(ModelConfig(preset=name), SparsityConfig(), vocab_size=32000)
     assert counts.law_dense == counts.dense - counts.embedding
     assert abs(counts.law_dense / paper - 1) < 0.03
-    assert counts.dense / paper - 1 > 0.1
+    assert counts.dense / paper - 1 > 0.07  # two vocab x d matrices: 7% (480m) to 19% (60m) too many
     half = param_counts(ModelConfig(preset=name), SparsityConfig(density=0.5, block_size=64), vocab_size=32000)
     assert half.law_active == half.active_non_embedding + half.head
 
