@@ -5,10 +5,14 @@
 Every run is `sparse-dc train --config BASE --resume auto name=<derived> key=value ...` and appends one row to the
 shared ledger when it finishes, so `sparse-dc law fit LEDGER` reads a sweep directly. Runs already in the ledger
 are skipped, and an interrupted run resumes from its newest checkpoint: re-running a sweep finishes it.
+With SLURM, submitted job ids are kept in `log_dir/slurm_jobs.json`; a re-run skips runs whose job is still pending
+or running (asked of `squeue` in one call) and resubmits only those whose job ended without a ledger row, so
+running a sweep twice before its jobs finish does not train anything twice.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import shlex
@@ -18,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sparse_dc.config.base import load_config, parse_scalar
+from sparse_dc.config.base import load_config, parse_scalar, write_text_atomic
 from sparse_dc.config.run import RunConfig
 from sparse_dc.errors import SparseDCError
 from sparse_dc.train.ledger import read_ledger
@@ -109,23 +113,63 @@ def local_command(run: Run, base_config: str, nproc: int) -> list[str]:
 
 
 def slurm_command(run: Run, base_config: str, sbatch_args: list[str]) -> list[str]:
-    return ["sbatch", f"--job-name={run.name}", *sbatch_args, os.path.abspath(SLURM_SCRIPT), base_config,
-            *run.overrides]
+    # --parsable: sbatch prints "jobid[;cluster]" only, which is what we record
+    return ["sbatch", "--parsable", f"--job-name={run.name}", *sbatch_args, os.path.abspath(SLURM_SCRIPT),
+            base_config, *run.overrides]
+
+
+def _jobs_file(log_dir: str) -> str:
+    return os.path.join(log_dir, "slurm_jobs.json")
+
+
+def _read_jobs(log_dir: str) -> dict[str, str]:
+    path = _jobs_file(log_dir)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return dict(json.load(fh))
+    except (ValueError, TypeError) as exc:
+        raise SweepError(f"{path}: not a JSON object of run name -> SLURM job id ({exc}); fix or delete it") from None
+
+
+def queued_jobs(job_ids: list[str], env: dict[str, str] | None = None) -> set[str]:
+    """The ids among `job_ids` that SLURM still holds (pending, running, requeued, ...): one squeue call."""
+    if not job_ids:
+        return set()
+    cmd = ["squeue", "--noheader", "--format=%i", f"--jobs={','.join(job_ids)}"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    except FileNotFoundError:
+        raise SweepError("squeue not found: cannot tell which submitted runs are still queued, so nothing is "
+                         "resubmitted; run on a SLURM login node") from None
+    # squeue exits non-zero with "Invalid job id" when every listed job already left the queue: none is queued
+    if result.returncode and "Invalid job id" not in result.stderr:
+        raise SweepError(f"squeue failed ({result.stderr.strip() or result.returncode}): cannot tell which "
+                         "submitted runs are still queued, so nothing is resubmitted")
+    return {line.split("_")[0].strip() for line in result.stdout.splitlines() if line.strip()} & set(job_ids)
 
 
 def run_sweep(runs: list[Run], base_config: str, ledger: str, log_dir: str,
               launcher: Literal["local", "slurm"] = "local", nproc: int = 1, sbatch_args: list[str] | None = None,
               dry_run: bool = False, env: dict[str, str] | None = None) -> dict[str, str]:
-    """Run (or submit) every run not yet in the ledger; returns {name: 'done'|'skipped'|'submitted'|'failed'}.
+    """Run (or submit) every run not yet in the ledger (nor queued in SLURM); returns {name: status}, status one
+    of 'done', 'failed' (local), 'submitted', 'queued' (slurm), 'skipped' (in the ledger), 'planned' (dry run).
 
     Local runs go one after another; each one's output is written to `log_dir/<name>.log`."""
     done, status = finished(ledger), {}
-    todo = [r for r in runs if r.name not in done]
-    log.info("sweep: %d runs, %d already in %s, %d to %s", len(runs), len(runs) - len(todo), ledger, len(todo),
-             "submit" if launcher == "slurm" else "run")
+    jobs = _read_jobs(log_dir) if launcher == "slurm" else {}
+    waiting = [r.name for r in runs if r.name not in done and r.name in jobs]
+    queued = queued_jobs([jobs[name] for name in waiting], env) if waiting else set()
     for run in runs:
         if run.name in done:
             status[run.name] = "skipped"
+        elif jobs.get(run.name) in queued:
+            status[run.name] = "queued"
+            log.info("%s: SLURM job %s is still queued or running: not resubmitted", run.name, jobs[run.name])
+    todo = [r for r in runs if r.name not in status]
+    log.info("sweep: %d runs, %d already in %s, %d queued, %d to %s", len(runs), len(done & {r.name for r in runs}),
+             ledger, len(queued), len(todo), "submit" if launcher == "slurm" else "run")
     for index, run in enumerate(todo, 1):
         cmd = (slurm_command(run, base_config, sbatch_args or []) if launcher == "slurm"
                else local_command(run, base_config, nproc))
@@ -133,17 +177,27 @@ def run_sweep(runs: list[Run], base_config: str, ledger: str, log_dir: str,
         if dry_run:
             status[run.name] = "planned"
             continue
-        status[run.name] = _execute(run, cmd, launcher, log_dir, env)
+        if launcher == "slurm":
+            jobs[run.name] = _submit(run, cmd, env)
+            status[run.name] = "submitted"
+            # saved after every submission, so an sbatch failure later in the loop loses no job id
+            write_text_atomic(_jobs_file(log_dir), json.dumps(jobs, indent=1, sort_keys=True) + "\n")
+        else:
+            status[run.name] = _execute(run, cmd, log_dir, env)
     return status
 
 
-def _execute(run: Run, cmd: list[str], launcher: str, log_dir: str, env: dict[str, str] | None) -> str:
-    if launcher == "slurm":
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if result.returncode:
-            raise SweepError(f"sbatch failed for {run.name}: {result.stderr.strip() or result.stdout.strip()}")
-        log.info("  %s", result.stdout.strip())
-        return "submitted"
+def _submit(run: Run, cmd: list[str], env: dict[str, str] | None) -> str:
+    """sbatch one run; returns its job id."""
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    job_id = result.stdout.strip().split(";")[0]
+    if result.returncode or not job_id.isdigit():
+        raise SweepError(f"sbatch failed for {run.name}: {result.stderr.strip() or result.stdout.strip()}")
+    log.info("  submitted %s as job %s", run.name, job_id)
+    return job_id
+
+
+def _execute(run: Run, cmd: list[str], log_dir: str, env: dict[str, str] | None) -> str:
     started = time.time()
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{run.name}.log")

@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         print(f"reproduce {scale.name}: {len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
         if args.dry_run:
             return 0
-        if "submitted" in status.values():
+        if {"submitted", "queued"} & set(status.values()):
             print("submitted to SLURM: once the jobs have finished, run the same command with --report-only")
             return 0
         if "failed" in status.values():

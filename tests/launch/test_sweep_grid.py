@@ -1,5 +1,7 @@
 """Sweep expansion: names, validation before anything runs, ledger skipping, launcher commands."""
 import json
+import os
+import stat
 
 import pytest
 
@@ -46,8 +48,49 @@ def test_finished_runs_are_skipped_and_dry_run_plans_the_rest(base, tmp_path):
 def test_slurm_command_submits_the_sbatch_script(base):
     run = expand(base, {"sparsity.density": [0.5]})[0]
     cmd = slurm_command(run, base, ["--nodes=2"])
-    assert cmd[:3] == ["sbatch", f"--job-name={run.name}", "--nodes=2"]
-    assert cmd[3].endswith("launch/slurm/train.sbatch") and cmd[4] == base and f"name={run.name}" in cmd
+    assert cmd[:4] == ["sbatch", "--parsable", f"--job-name={run.name}", "--nodes=2"]
+    assert cmd[4].endswith("launch/slurm/train.sbatch") and cmd[5] == base and f"name={run.name}" in cmd
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """sbatch/squeue stand-ins on PATH (no SLURM on CI machines): sbatch logs its job name and prints the next id;
+    squeue prints the requested ids listed in `queue` (what SLURM still holds), or fails when `down` exists."""
+    bin_dir, state = tmp_path / "bin", tmp_path / "slurm"
+    bin_dir.mkdir(), state.mkdir()
+    (state / "queue").write_text("")
+    scripts = {
+        "sbatch": f"""n=$(($(wc -l < {state}/submitted 2>/dev/null || echo 0) + 101))
+echo "$2" >> {state}/submitted; echo "$n;cluster" """,
+        "squeue": f"""[ -e {state}/down ] && {{ echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1; }}
+jobs=$(printf '%s\\n' "$@" | sed -n 's/^--jobs=//p')
+for id in $(echo "$jobs" | tr , ' '); do grep -qx "$id" {state}/queue && echo "$id"; done; exit 0""",
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    return state, {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_slurm_resweep_skips_queued_jobs_and_resubmits_ended_ones(base, tmp_path, fake_slurm):
+    state, env = fake_slurm
+    runs = expand(base, {"sparsity.density": [1.0, 0.5, 0.25]})
+    ledger, logs = str(tmp_path / "ledger.jsonl"), str(tmp_path / "logs")
+    names = [r.name for r in runs]
+    assert run_sweep(runs, base, ledger, logs, "slurm", env=env) == dict.fromkeys(names, "submitted")
+    assert json.loads(open(f"{logs}/slurm_jobs.json").read()) == dict(zip(names, ["101", "102", "103"]))
+    # run 0 finished (ledger row), run 1 still pending, run 2's job ended without a row (failed/cancelled)
+    (tmp_path / "ledger.jsonl").write_text(json.dumps({"name": names[0], "val_loss": 3.0}) + "\n")
+    (state / "queue").write_text("102\n")
+    status = run_sweep(runs, base, ledger, logs, "slurm", env=env)
+    assert status == {names[0]: "skipped", names[1]: "queued", names[2]: "submitted"}
+    assert (state / "submitted").read_text().split() == [f"--job-name={n}" for n in names + names[2:]]
+    assert json.loads(open(f"{logs}/slurm_jobs.json").read())[names[2]] == "104"
+    # squeue unreachable: refuse rather than risk submitting a queued run twice
+    (state / "down").write_text("")
+    with pytest.raises(SweepError, match="squeue failed .*Unable to contact"):
+        run_sweep(runs, base, ledger, logs, "slurm", env=env)
+    assert len((state / "submitted").read_text().split()) == 4
 
 
 def test_console_script_lists_sweep_and_quickstart_and_ignores_deepspeed_local_rank(capsys):
