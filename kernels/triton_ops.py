@@ -126,8 +126,10 @@ def _sdd(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tens
     returns `acc`."""
     n, m = rows.numel(), dy.shape[0]
     consts = _dtype_meta(dy.dtype)
+    # "accumulate" is timed as "values" (same M loop, plain store) so tuning never writes into `acc`
+    tune_out = "values" if out == "accumulate" else out
     cfg = _tune(key, autotune_configs("sdd", b), lambda c: _launch_sdd(dy, x, rows, cols, slots, b, c, consts,
-                                                                    out, 1, None))
+                                                                    tune_out, 1, None))
     split = split_m or _split_m(n, m, cfg["BLOCK_M"], dy.device)
     return _launch_sdd(dy, x, rows, cols, slots, b, cfg, consts, out, split, acc)
 
@@ -137,8 +139,6 @@ def _launch_sdd(dy, x, rows, cols, slots, b, cfg, consts, out_kind, split, acc) 
     acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
     m_per_split = triton.cdiv(triton.cdiv(max(m, 1), split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     split = triton.cdiv(max(m, 1), m_per_split)
-    if out_kind == "accumulate" and acc is None:  # autotuning a launch: time into a scratch accumulator
-        acc = torch.zeros(n, b, b, dtype=torch.float32, device=dy.device)
     if n == 0:
         return {"norms": torch.empty(0, dtype=torch.float32, device=dy.device),
                 "values": torch.empty(0, b, b, dtype=dy.dtype, device=dy.device)}.get(out_kind, acc)
