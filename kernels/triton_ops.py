@@ -120,31 +120,36 @@ def _split_m(n_programs: int, m: int, block_m: int, device: torch.device) -> int
 
 
 def _sdd(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor,
-         b: int, key: tuple, *, norms: bool, split_m: int | None) -> torch.Tensor:
-    """Blocks dYᵀ·X at (rows[e], cols[e]): [n, B, B] in `slots` order (dy's dtype), or with norms=True the
-    float32 [n] Frobenius norms in entry order."""
+         b: int, key: tuple, *, out: str, split_m: int | None, acc: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks dYᵀ·X at (rows[e], cols[e]). `out`: "values" -> [n, B, B] in `slots` order (dy's dtype);
+    "norms" -> float32 [n] Frobenius norms in entry order; "accumulate" -> `acc[slots[e]] += block` in fp32,
+    returns `acc`."""
     n, m = rows.numel(), dy.shape[0]
     consts = _dtype_meta(dy.dtype)
+    # "accumulate" is timed as "values" (same M loop, plain store) so tuning never writes into `acc`
+    tune_out = "values" if out == "accumulate" else out
     cfg = _tune(key, autotune_configs("sdd", b), lambda c: _launch_sdd(dy, x, rows, cols, slots, b, c, consts,
-                                                                    norms, 1))
+                                                                    tune_out, 1, None))
     split = split_m or _split_m(n, m, cfg["BLOCK_M"], dy.device)
-    return _launch_sdd(dy, x, rows, cols, slots, b, cfg, consts, norms, split)
+    return _launch_sdd(dy, x, rows, cols, slots, b, cfg, consts, out, split, acc)
 
 
-def _launch_sdd(dy, x, rows, cols, slots, b, cfg, consts, norms, split) -> torch.Tensor:
+def _launch_sdd(dy, x, rows, cols, slots, b, cfg, consts, out_kind, split, acc) -> torch.Tensor:
     n, m = rows.numel(), dy.shape[0]
     acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
     m_per_split = triton.cdiv(triton.cdiv(max(m, 1), split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     split = triton.cdiv(max(m, 1), m_per_split)
-    if norms and split == 1:
-        out, mode = torch.empty(n, dtype=torch.float32, device=dy.device), 2
-    elif split == 1:
-        out, mode = torch.empty(n, b, b, dtype=dy.dtype, device=dy.device), 0
-    else:
-        out, mode = torch.empty(split, n, b, b, dtype=acc_dtype, device=dy.device), 1
     if n == 0:
-        return torch.empty(0, dtype=torch.float32, device=dy.device) if norms else \
-            torch.empty(0, b, b, dtype=dy.dtype, device=dy.device)
+        return {"norms": torch.empty(0, dtype=torch.float32, device=dy.device),
+                "values": torch.empty(0, b, b, dtype=dy.dtype, device=dy.device)}.get(out_kind, acc)
+    if split > 1:
+        out, mode = torch.empty(split, n, b, b, dtype=acc_dtype, device=dy.device), 1
+    elif out_kind == "norms":
+        out, mode = torch.empty(n, dtype=torch.float32, device=dy.device), 2
+    elif out_kind == "accumulate":
+        out, mode = acc, 3
+    else:
+        out, mode = torch.empty(n, b, b, dtype=dy.dtype, device=dy.device), 0
     _sdd_kernel[(n, split)](
         dy, x, out, rows, cols, slots,
         m, n, m_per_split,
@@ -154,7 +159,11 @@ def _launch_sdd(dy, x, rows, cols, slots, b, cfg, consts, norms, split) -> torch
         return out.sqrt()
     if mode == 1:
         out = out.sum(0)  # fixed-order combine of the M splits: deterministic, unlike atomics
-        return out.float().square().sum(dim=(1, 2)).sqrt() if norms else out.to(dy.dtype)
+        if out_kind == "norms":
+            return out.float().square().sum(dim=(1, 2)).sqrt()
+        if out_kind == "accumulate":  # the partials are already in slot order
+            return acc.add_(out.float())
+        return out.to(dy.dtype)
     return out
 
 
@@ -163,7 +172,7 @@ def sdd(dy: torch.Tensor, x: torch.Tensor, layout: BlockLayout, *, split_m: int 
     `split_m` overrides the number of M splits (default: `_split_m`)."""
     key = ("sdd", dy.dtype, str(dy.device), triton.next_power_of_2(max(dy.shape[0], 1)), *layout.shape,
            layout.block_size, _density_bucket(layout.density))
-    return _sdd(dy, x, layout.row_idx, layout.col_idx, layout.slot, layout.block_size, key, norms=False,
+    return _sdd(dy, x, layout.row_idx, layout.col_idx, layout.slot, layout.block_size, key, out="values",
                 split_m=split_m)
 
 
@@ -176,5 +185,17 @@ def block_scores(x: torch.Tensor, dy: torch.Tensor, layout: BlockLayout, *,
     idx = torch.arange(nbr * nbc, dtype=torch.int32, device=x.device)
     key = ("probe", dy.dtype, str(dy.device), triton.next_power_of_2(max(dy.shape[0], 1)), *layout.shape,
            layout.block_size)
-    scores = _sdd(dy, x, idx // nbc, idx % nbc, idx, layout.block_size, key, norms=True, split_m=split_m)
+    scores = _sdd(dy, x, idx // nbc, idx % nbc, idx, layout.block_size, key, out="norms", split_m=split_m)
     return scores.reshape(nbr, nbc)
+
+
+def sampled_block_grad(x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                       out: torch.Tensor, *, split_m: int | None = None) -> torch.Tensor:
+    """out[e] += (dYᵀ·X) block (rows[e], cols[e]) for every listed block, in fp32; x [M, K_in], dy [M, N_out],
+    rows/cols int32 [n], out float32 [n, B, B] (contiguous). Returns `out`. Blocks of one block row should be
+    adjacent in the list (row-major, as `nonzero` gives) so that their programs share dY in L2."""
+    b = out.shape[-1]
+    slots = torch.arange(rows.numel(), dtype=torch.int32, device=out.device)
+    key = ("sampled", dy.dtype, str(dy.device), triton.next_power_of_2(max(dy.shape[0], 1)), dy.shape[1],
+           x.shape[1], b, _density_bucket(rows.numel() / ((dy.shape[1] // b) * (x.shape[1] // b))))
+    return _sdd(dy, x, rows, cols, slots, b, key, out="accumulate", split_m=split_m, acc=out)

@@ -6,12 +6,13 @@ update every 100 steps, uniform init, zero re-init of regrown weights, attention
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from sparse_dc.config.base import Config, ConfigError
 
 PROJECTION_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 BLOCK_SIZES = (1, 16, 32, 64, 128)
+RiglScores = Literal["exact", "norm_sum"]
 
 
 @dataclass(kw_only=True)
@@ -34,6 +35,12 @@ class SparsityConfig(Config):
     method: Literal["static", "set", "rigl"] = "set"
     """static: fixed topology; set: drop smallest magnitude, grow random; rigl: drop smallest magnitude, grow
     the largest dense-gradient scores."""
+    rigl_scores: RiglScores = "exact"
+    """How RigL scores dead blocks (B >= 16; B = 1 is always exact). exact: the Frobenius norm of the dead block's
+    gradient summed over the update step's micro-batches and ranks, as RigL defines it; costs an fp32 buffer of
+    (1 - density) x the dense size of each sparse layer during update steps (sparse_dc.sparsity.layer).
+    norm_sum: the sum of per-micro-batch, per-rank block norms (an upper bound of the exact score, equal to it
+    only with one micro-batch on one rank); needs one float per block."""
     update_frequency: int = 100
     """Optimizer steps between topology updates."""
     prune_rate: float = 0.1
@@ -53,6 +60,7 @@ class SparsityConfig(Config):
         self.check(len(set(self.targets)) == len(self.targets), path, "targets", "no repeated projection")
         self.check(self.erk_power_scale >= 0, path, "erk_power_scale", "a number >= 0")
         self.check(self.am_ratio > 0, path, "am_ratio", "a number > 0")
+        self.check(self.rigl_scores in get_args(RiglScores), path, "rigl_scores", "'exact' or 'norm_sum'")
         self.check(self.update_frequency >= 1, path, "update_frequency", "an integer >= 1")
         self.check(0.0 <= self.prune_rate < 1.0, path, "prune_rate", "a number in [0, 1)")
         self.check(0.0 < self.stop_fraction <= 1.0, path, "stop_fraction", "a number in (0, 1]")

@@ -8,9 +8,13 @@ The training loop calls, for each optimizer step s = 1, 2, ... (s counts complet
 
 An update (SET or RigL, Evci et al. 2020 / Mocanu et al. 2018) drops, in every layer, the
 round(rate(s) x live units) live units of smallest magnitude (|w| or block Frobenius norm of the fp32 master
-weights) and grows as many dead units: random ones (SET) or those of largest dense-gradient score (RigL; B = 1:
-|sum of dL/dW|, blocks: sum of per-backward ‖dYᵀX‖_F from the kernels' probe), summed over ranks. Regrown units
-start at 0 and the moments of dropped and grown units are reset through the optimizer-state accessor.
+weights) and grows as many units that were dead before the update: random ones (SET) or those of largest
+dense-gradient score (RigL). RigL's score is |dL/dW| of the step's gradient summed over all micro-batches and
+ranks: B = 1: |Σ dL/dW| per entry; blocks with rigl_scores="exact" (default): ‖Σ dYᵀX‖_F per dead block, the
+blocks summed in fp32 by the sampled-dW kernel over the step's backwards and over ranks before the norm (memory:
+see sparse_dc.sparsity.layer); with rigl_scores="norm_sum": Σ ‖dYᵀX‖_F per backward (and rank), exact only for
+one micro-batch on one rank. Regrown units start at 0 and the moments of dropped and grown units are reset
+through the optimizer-state accessor.
 
 Identical topology on every rank: SET draws from a generator keyed by (seed, step, layer), RigL's scores are
 all-reduced, and the decided masks are then broadcast from rank 0, so ranks agree even if reductions differ in
@@ -63,7 +67,7 @@ class DSTEngine:
     def begin_step(self, step: int) -> None:
         if self.cfg.method == "rigl" and self.is_update_step(step):
             for layer in self.layers.values():
-                layer.arm_scores(True)
+                layer.arm_scores(True, self.cfg.rigl_scores)
 
     def end_step(self, step: int) -> dict[str, Any] | None:
         if not self.is_update_step(step):
@@ -99,13 +103,13 @@ class DSTEngine:
         shape = layer.unit_mask().shape
         if self.cfg.method == "set":
             return torch.rand(shape, generator=unit_generator(self.cfg.seed, step, index))
-        scores = layer.take_scores()
-        if scores is None:
+        capture = layer.take_scores()
+        if capture is None:
             raise SparseDCError(f"RigL update at step {step} found no captured gradients for a layer: call "
                                 "dst.begin_step(step) before that step's forward/backward")
-        if _distributed():
-            dist.all_reduce(scores)
-        return scores.abs()
+        if _distributed():  # sum the gradient (not its norms) over ranks, as DDP's all-reduce would
+            dist.all_reduce(capture.acc)
+        return capture.scores()
 
     # --- statistics and checkpoint state ----------------------------------------------------------------
     def stats(self, step: int | None = None) -> dict[str, Any]:

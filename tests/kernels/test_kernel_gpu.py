@@ -3,7 +3,8 @@ import pytest
 import torch
 from kernel_cases import random_case
 
-from sparse_dc.kernels import BlockLayout, block_sparse_linear, dense_grad_block_scores, reference, triton_ops
+from sparse_dc.kernels import (BlockLayout, block_sparse_linear, dense_grad_block_scores, reference,
+                               sampled_block_grad, triton_ops)
 
 pytestmark = pytest.mark.gpu
 
@@ -40,6 +41,21 @@ def test_dw_split_and_probe_at_low_density():
     assert rel_err(got, reference.grad_values(dy.float(), x.float(), layout)) < 1e-2
     scores = dense_grad_block_scores(x[:2048], dy[:2048], layout)
     assert rel_err(scores, reference.block_scores(x[:2048], dy[:2048], layout)) < 1e-2
+
+
+@pytest.mark.parametrize("density", [0.5, 1 - 1 / 256])  # 256 blocks listed; 2 listed (M split)
+def test_sampled_block_grad_accumulates_at_llama_shapes(density):
+    layout, _, _ = random_case(4096, 2048, 128, density, device="cuda")
+    rows, cols = (~layout.block_mask()).nonzero(as_tuple=True)  # the dead blocks, as RigL lists them
+    acc = torch.zeros(rows.numel(), 128, 128, device="cuda")
+    expect = torch.zeros_like(acc)
+    for seed in (0, 1):  # two micro-batches, M = 4097: a ragged tile
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(4097, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+        dy = torch.randn(4097, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+        sampled_block_grad(x, dy, rows, cols, 128, out=acc)
+        reference.sampled_block_grad(x, dy, rows, cols, expect)
+    assert rel_err(acc, expect) < 1e-2
 
 
 def test_layout_update_on_device():

@@ -3,7 +3,10 @@
 For each ZeRO stage and granularity: train a tiny sparse Llama on rank-dependent data with RigL/SET updates,
 and record (per rank, as JSON) the topology hashes, whether the regrown/dropped units' fp32 weights and Adam
 moments are exactly zero after an update, and whether pruned entries stay zero after further steps.
+Case "rigl-exact": a block RigL update over 2 micro-batches x 2 ranks against RigL's dense simulation.
 """
+import copy
+import functools
 import json
 import os
 import sys
@@ -14,7 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from sparse_dc.model import ModelConfig, build_model
-from sparse_dc.sparsity import DSTEngine, SparsityConfig, fix_deepspeed_state_after_load, optimizer_state
+from sparse_dc.sparsity import (DSTEngine, SparseLinear, SparsityConfig, fix_deepspeed_state_after_load,
+                                optimizer_state)
 
 
 def mask_hash(engine: DSTEngine) -> list[int]:
@@ -81,6 +85,70 @@ def run_case(stage: int, block_size: int, method: str, ckpt_dir: str) -> dict:
     return out
 
 
+def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def dense_simulation(model: nn.Module, batches: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """RigL's dense simulation on a copy of `model`: every SparseLinear runs as a dense weight holding its masked
+    values; returns, per sparse layer, the torch-autograd dL/dW of each micro-batch."""
+    sim = copy.deepcopy(model)
+    weights = {}
+    for name, layer in sim.named_modules():
+        if isinstance(layer, SparseLinear):
+            weights[name] = layer.dense_weight().detach().clone().requires_grad_()
+            layer.forward = functools.partial(nn.functional.linear, weight=weights[name])
+    grads: dict[str, list[torch.Tensor]] = {n: [] for n in weights}
+    for tokens in batches:
+        for name, g in zip(weights, torch.autograd.grad(lm_loss(sim, tokens), list(weights.values()))):
+            grads[name].append(g)
+    return grads
+
+
+def block_norms(dw: torch.Tensor, b: int) -> torch.Tensor:
+    return dw.reshape(dw.shape[0] // b, b, dw.shape[1] // b, b).square().sum((1, 3)).sqrt()
+
+
+def run_exact_case() -> dict:
+    """One RigL update at step 1 over 2 micro-batches per rank (each rank its own data): is each layer's grown
+    set the top of ‖Σ over both ranks' micro-batches of dL/dW‖_F (exact), and would the sum of norms differ?"""
+    b = 16
+    sparsity = SparsityConfig(density=0.5, block_size=b, method="rigl", update_frequency=1, prune_rate=0.3,
+                              prune_rate_decay="constant", stop_fraction=1.0, seed=7)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layers=1), sparsity, vocab_size=32)
+    rank = dist.get_rank()
+    batches = torch.randint(0, 32, (2, 2, 9), generator=torch.Generator().manual_seed(200 + rank))
+    grads = dense_simulation(model, batches)  # before DeepSpeed wraps the model
+    exact = {n: torch.stack(g).sum(0) for n, g in grads.items()}
+    norm_sum = {n: sum(block_norms(x, b) for x in g) for n, g in grads.items()}
+    for t in list(exact.values()) + list(norm_sum.values()):
+        dist.all_reduce(t)  # sum over ranks: the gradient itself (exact) or the per-micro-batch norms
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+                 "zero_optimization": {"stage": 2}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    dst = DSTEngine(engine.module, sparsity, total_steps=4, state=optimizer_state(engine))
+    old = {n: m.unit_mask().clone() for n, m in dst.layers.items()}
+    dst.begin_step(1)
+    for tokens in batches:
+        engine.backward(lm_loss(engine, tokens))
+        engine.step()  # a no-op until the accumulation boundary (the 2nd micro-batch)
+    assert dst.end_step(1) is not None
+
+    def top_dead(score: torch.Tensor, dead: torch.Tensor, k: int) -> list[int]:
+        return sorted(torch.where(dead.flatten(), score.flatten(), -torch.inf).topk(k).indices.tolist())
+
+    out: dict = {"grown": {}, "expected_exact": {}, "expected_norm_sum": {}}
+    for name, layer in dst.layers.items():
+        grown = (layer.unit_mask() & ~old[name]).flatten().nonzero().flatten().tolist()
+        k = len(grown)
+        out["grown"][name] = grown
+        out["expected_exact"][name] = top_dead(block_norms(exact[name], b), ~old[name], k)
+        out["expected_norm_sum"][name] = top_dead(norm_sum[name], ~old[name], k)
+    return out
+
+
 def main() -> None:
     result_dir = sys.argv[1]
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # avoid a 20 s C++ JIT build on CPU
@@ -92,6 +160,8 @@ def main() -> None:
             if len(sys.argv) > 2 and key not in sys.argv[2:]:
                 continue
             results[key] = run_case(stage, block_size, method, os.path.join(result_dir, f"ckpt-{key}"))
+    if len(sys.argv) <= 2 or "rigl-exact" in sys.argv[2:]:
+        results["rigl-exact"] = run_exact_case()
     with open(os.path.join(result_dir, f"rank{dist.get_rank()}.json"), "w") as fh:
         json.dump(results, fh)
     dist.barrier()

@@ -181,3 +181,60 @@ def test_resume_from_state_dicts_is_bit_exact(method):
     for (name, a), b in zip(straight[0].state_dict().items(), resumed[0].state_dict().values()):
         assert torch.equal(a, b), name
     assert straight[2].stats() == resumed[2].stats()
+
+
+def _dense_simulation(layer: SparseLinear, batches) -> torch.Tensor:
+    """RigL's dense simulation: a dense weight with the layer's (masked) values, its torch-autograd gradient summed
+    over the micro-batches."""
+    w = layer.dense_weight().detach().clone().requires_grad_()
+    for x, dy in batches:
+        nn.functional.linear(x, w).backward(dy)
+    return w.grad
+
+
+@pytest.mark.parametrize("mode,backend", [("exact", "reference"), ("exact", "triton"), ("norm_sum", "reference")])
+def test_rigl_block_scores_are_norms_of_the_gradient_summed_over_micro_batches(mode, backend, monkeypatch):
+    monkeypatch.setenv("SPARSE_DC_KERNEL_BACKEND", backend)  # triton: the interpreter on CPU
+    b = 16
+    model = _layer(b, seed=11)  # 128 x 64: 8 x 4 blocks, 16 live; 4 grown per update
+    layer = model[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine = DSTEngine(model, _cfg("rigl", block_size=b, rigl_scores=mode), total_steps=100,
+                       state=optimizer_state(opt))
+    g = torch.Generator().manual_seed(0)
+    x1, dy1 = torch.randn(2, 6, 64, generator=g), torch.randn(2, 6, 128, generator=g)
+    # micro-batch 2 nearly cancels micro-batch 1: the summed gradient is small and ranks blocks differently
+    # from the sum of per-micro-batch norms
+    x2, dy2 = x1.clone(), -dy1 + 0.2 * torch.randn(2, 6, 128, generator=g)
+    batches = [(x1, dy1), (x2, dy2)]
+    dense_grad = _dense_simulation(layer, batches)
+    per_batch = [_dense_simulation(layer, [batch]) for batch in batches]
+    old = layer.unit_mask().clone()
+    engine.begin_step(10)
+    for x, dy in batches:
+        layer(x).backward(dy)
+    opt.step()
+    scores = layer._scores.scores()  # what the update will rank (one rank: nothing to all-reduce)
+    engine.end_step(10)
+
+    def block_norms(dw):
+        return dw.reshape(128 // b, b, 64 // b, b).pow(2).sum((1, 3)).sqrt()
+
+    exact = block_norms(dense_grad)
+    norm_sum = sum(block_norms(dw) for dw in per_batch)
+    expected = exact if mode == "exact" else norm_sum
+    torch.testing.assert_close(scores[~old], expected[~old], rtol=1e-5, atol=1e-6)
+    assert (norm_sum[~old] > 2 * exact[~old]).all()  # the two modes really differ on this data
+
+    def top_dead(score):
+        return set(torch.where(~old.flatten(), score.flatten(), -math.inf).argsort(descending=True)[:4].tolist())
+
+    assert top_dead(exact) != top_dead(norm_sum)
+    assert set((layer.unit_mask() & ~old).flatten().nonzero().flatten().tolist()) == top_dead(expected)
+    assert layer._scores is None
+
+
+def test_rigl_scores_config_is_validated():
+    with pytest.raises(ValueError, match="rigl_scores='norms': expected 'exact' or 'norm_sum'"):
+        SparsityConfig(rigl_scores="norms").validate()
+    assert SparsityConfig.from_dict({"rigl_scores": "norm_sum"}).rigl_scores == "norm_sum"
