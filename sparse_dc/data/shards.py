@@ -22,7 +22,7 @@ from sparse_dc.data.sources import DataError
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
 FORMAT = "sparse-dc-shards/1"
-SMALL_BATCH_ROWS = 16  # read_many switches to per-row slices at or below this many rows
+SMALL_BATCH_ROWS = 16  # gather copies row by row at or below this many rows
 DTYPES = {"uint16": (np.uint16, pa.uint16()), "uint32": (np.uint32, pa.uint32())}
 
 
@@ -108,33 +108,37 @@ class TokenStream:
             piece += 1
         return out
 
-
     def read_many(self, starts: np.ndarray, length: int) -> np.ndarray:
-        """Tokens [starts[i], starts[i] + length) for every i -> int64 [len(starts), length].
-
-        Vectorised: ranges inside one record batch (nearly all) are one fancy-index gather per batch; only the
-        few that straddle a batch boundary take the piecewise `read` path.
-        """
+        """Tokens [starts[i], starts[i] + length) for every i -> int64 [len(starts), length] (bounds-checked)."""
         starts = np.asarray(starts, dtype=np.int64)
-        out = np.empty((len(starts), length), dtype=np.int64)
         if len(starts) and (starts.min() < 0 or starts.max() + length > self.total_tokens):
             raise IndexError(f"token ranges outside the stream of {self.total_tokens} tokens")
-        if len(starts) <= SMALL_BATCH_ROWS:
-            # Few rows: plain slices beat the vectorised path, whose ~10 small numpy calls cost more than the copy.
-            for row, start in enumerate(starts.tolist()):
+        return self.gather(starts, length)
+
+    def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """`read_many` without the bounds check, for int64 offsets that are valid by construction (the loader's
+        per-batch path, where min/max/asarray alone cost several microseconds).
+
+        A batch whose rows all lie inside one record batch with more than SMALL_BATCH_ROWS rows is one
+        fancy-index gather; any other batch is one slice-copy per row (a batch of random sequences from a large
+        pool touches as many record batches as it has rows, so per-piece grouping would not save calls).
+        """
+        out = np.empty((len(starts), length), dtype=np.int64)
+        bounds, pieces = self._starts_list, self.pieces
+        if len(starts) > SMALL_BATCH_ROWS:
+            first = bisect.bisect_right(bounds, int(starts[0])) - 1
+            # Every row inside piece `first` <=> the lowest start and the highest end are both inside it.
+            if bounds[first] <= int(starts.min()) and int(starts.max()) + length <= bounds[first + 1]:
+                # A strided [positions, length] window view over the piece: indexing its first axis copies whole
+                # contiguous rows (no n x length index array), fast for both short and long sequences.
+                out[:] = self._windows(first, length)[starts - bounds[first]]
+                return out
+        for row, start in enumerate(starts.tolist()):
+            p = bisect.bisect_right(bounds, start) - 1
+            if start + length <= bounds[p + 1]:
+                out[row] = pieces[p][start - bounds[p]: start - bounds[p] + length]
+            else:  # straddles two record batches: copy piecewise
                 self.read(start, out[row])
-            return out
-        piece = np.searchsorted(self.starts, starts, side="right") - 1
-        inside = starts + length <= self.starts[piece + 1]
-        first = int(piece[0]) if len(piece) else 0
-        groups = [first] if inside.all() and (piece == first).all() else np.unique(piece[inside]).tolist()
-        for p in groups:
-            rows = slice(None) if len(groups) == 1 and inside.all() else np.flatnonzero(inside & (piece == p))
-            # A strided [positions, length] window view over the piece: indexing its first axis copies whole
-            # contiguous rows (no n x length index array), fast for both short and long sequences.
-            out[rows] = self._windows(p, length)[starts[rows] - self.starts[p]]
-        for row in np.flatnonzero(~inside):
-            self.read(int(starts[row]), out[row])
         return out
 
     def _windows(self, piece: int, length: int) -> np.ndarray:

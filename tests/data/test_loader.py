@@ -125,3 +125,21 @@ def test_impossible_budgets_are_clear_errors(prepared):
         budget(prepared, unique_tokens=100, seq_len=128)
     with pytest.raises(DataError, match="does not exist"):
         budget(prepared.parent / "nope")
+
+
+def test_batch_reads_match_token_by_token_reads(prepared):
+    """Every batched read path returns exactly the stream's tokens: one vectorised copy inside a record batch,
+    per-row slices, rows straddling two record batches, and consecutive-sample batches that span epochs."""
+    b = budget(prepared, epochs=2.5)
+    stream, L = b.stream, b.plan.seq_len
+    boundary = int(stream.starts[1])  # the first record-batch boundary
+    inside = np.arange(40) * 7 + 100  # more than SMALL_BATCH_ROWS rows, all in the first record batch
+    straddle = np.array([boundary - L // 2, boundary - 1, boundary, 5])
+    for starts in (inside, inside[:5], straddle, np.concatenate([inside, straddle])):
+        expect = np.stack([stream.read(int(s), np.empty(L, np.int64)) for s in starts])
+        np.testing.assert_array_equal(stream.read_many(starts, L), expect)
+    n = b.plan.unique_sequences
+    for lo, hi in ((0, 0), (5, 6), (n - 3, n + 20), (0, b.plan.total_samples)):
+        np.testing.assert_array_equal(b.sample_range(lo, hi), b.samples(np.arange(lo, hi)))
+    with pytest.raises(IndexError, match="outside"):
+        b.sample_range(0, b.plan.total_samples + 1)
