@@ -132,7 +132,13 @@ class Checkpointer:
                                                         load_lr_scheduler_states=True)
         else:
             start = time.perf_counter()
-            reshard.ensure_universal(self.dir, tag, self.rank)
+            try:
+                reshard.ensure_universal(self.dir, tag, self.rank)
+            except SparseDCError as exc:
+                raise ResumeError(
+                    f"{exc}. Resume with the {saved_world} ranks that wrote it, or consolidate the weights with "
+                    f"`python {self.dir}/zero_to_fp32.py {self.dir} OUT --tag {tag}` (or `sparse-dc export`) and "
+                    "start a new run from them (optimizer state is not carried over)") from exc
             path, client_state = reshard.load_universal(engine, self.dir, tag)
             if self.rank == 0:
                 print(f"world size changed: checkpoint {tag} was written by {saved_world} ranks, resuming on "

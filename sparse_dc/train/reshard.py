@@ -10,20 +10,25 @@ which re-slices each tensor for the new partitioning:
     checkpoints/step_00000120/             the ZeRO checkpoint, written by N ranks (untouched)
     checkpoints/step_00000120_universal/   its universal form (made on demand; pruned with its tag)
 
-Why this design and not a portable state written with every checkpoint (full fp32 weights + moments gathered
-through `sparsity.optim_state` and loaded back with safe_set_*): measured on deepspeed 0.19.8 (CPU/gloo) the
-universal path restores stages 1, 2 and 3 exactly (the resumed run matches an uninterrupted one to float
-reduction order), it costs nothing on the save path (a portable copy would roughly double every checkpoint's size
-and add a gather of all states per save, paid on every save for a rare event), and DeepSpeed owns the layout of
-its shards (Adam's step, param-group hyper-parameters, loss-scaler state), so we do not mirror its internals.
-The conversion runs once per tag, on rank 0, reading and writing the optimizer state once (temp + rename, reused
-when present).
+Why this design and not a "portable" state written with every checkpoint (full fp32 weights + Adam moments + step
+gathered through `sparsity.optim_state` and loaded back with safe_set_*): on deepspeed 0.19.8 (CPU/gloo) the
+universal path restores stages 1, 2 and 3 (fp32: the resumed run matches the uninterrupted one to ~1e-7 relative
+in loss, i.e. float reduction order; bf16 ZeRO 1: within bf16's own 1-vs-2-rank spread, ~3e-5), it costs nothing
+on the save path (a portable copy is 12 bytes per parameter, ~0.75-0.85x the size of a tag, plus a gather of all
+states, on every save, for a rare event), and DeepSpeed keeps owning its shard layout (step, param-group settings,
+loss-scaler state) instead of us mirroring its internals. The conversion runs once per tag on rank 0 (tiny
+preset: 0.1-0.7 s; benchmarks/reshard.py), temp + rename, reused when present.
 
-Two things the engine's universal load does not do, done here: it never loads the module state dict, so the
-buffers (DST masks and block layouts, i.e. the topology) are copied from the checkpoint's model file; and it is
-switched on by the `checkpoint.load_universal` config flag, which DeepSpeed reads only inside load_checkpoint, so
-it is set for the duration of that call rather than baked into the engine's config (the same engine saves
-ordinary ZeRO checkpoints afterwards).
+What the engine's universal load gets wrong or leaves out, done here:
+- it never loads the module state dict: the buffers (DST masks and block layouts, i.e. the topology) are copied
+  from the checkpoint's model file;
+- ZeRO 3 gives every param group group 0's hyper-parameters and one shared `step` tensor (see
+  repair_optimizer_state);
+- it is switched on by the `checkpoint.load_universal` config flag, which DeepSpeed reads only inside
+  load_checkpoint, so it is set for that call rather than baked into the engine's config (the same engine saves
+  ordinary ZeRO checkpoints afterwards).
+The LR scheduler, DeepSpeed's step counters and our client state (samples consumed, DST state, wall time) come
+from the model file as on any resume.
 
 RNG on a world-size change: rank r < N (the old count) restores the state rank r saved; a rank that did not exist
 (growing) gets a fresh state seeded from (seed, step, rank), so ranks stay distinct and the resume deterministic.
@@ -31,8 +36,11 @@ The training loop itself draws no random numbers (the data order is arithmetic, 
 by (seed, step, layer), RigL is deterministic, the model has no dropout), so this choice does not change the loss
 trajectory.
 
-Not covered: tensor/pipeline parallelism (the trainer uses neither), NVMe/CPU optimizer offload, and changing the
-ZeRO stage across the resume (refused by the checkpoint's fingerprint check).
+Not covered: tensor/pipeline parallelism (the trainer uses neither), NVMe/CPU optimizer offload, node-local
+checkpoint storage (every rank must see rank 0's conversion), and changing the ZeRO stage across the resume
+(refused by the fingerprint check). The other ranks wait in a collective while rank 0 converts: a conversion
+longer than the process group's timeout (NCCL watchdog) would abort the resume; re-running it reuses nothing
+(the temp folder is discarded) but also loses nothing.
 """
 from __future__ import annotations
 
@@ -81,10 +89,10 @@ def convert_to_universal(ckpt_dir: str, tag: str) -> str:
             ds_to_universal(args)
     except Exception as exc:
         shutil.rmtree(work, ignore_errors=True)
-        detail = " | ".join(log.getvalue().strip().splitlines()[-3:])
-        raise SparseDCError(f"converting checkpoint {args.input_folder} to a universal checkpoint failed "
-                            f"({type(exc).__name__}: {exc}; {detail}): expected a complete ZeRO checkpoint") \
-            from exc
+        # a bare assert in the converter has no message: its last printed lines say how far it got
+        detail = str(exc) or " | ".join(log.getvalue().strip().splitlines()[-2:])
+        raise SparseDCError(f"converting checkpoint {args.input_folder} (written by another world size) to a "
+                            f"universal checkpoint failed: {type(exc).__name__}: {detail}") from exc
     os.rename(staged, out)
     shutil.rmtree(work, ignore_errors=True)
     return out
