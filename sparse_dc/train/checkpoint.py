@@ -5,10 +5,13 @@ Layout under <run>/checkpoints/:
     step_00000120/            DeepSpeed's files for this tag (model + ZeRO optimizer shards, client state)
         rng_rank{r}.pt        each rank's RNG states
         COMPLETE              JSON written last, atomically, by rank 0 after every rank finished saving
+    step_00000120_universal/  only after a resume on another world size: the tag as a DeepSpeed universal
+                              checkpoint (see reshard.py); pruned with its tag
     zero_to_fp32.py           DeepSpeed's consolidation script (copied by save_checkpoint under ZeRO)
 
 A tag without COMPLETE (a crash or kill during save) is ignored by `latest()` and never deleted before a newer
-complete one exists, so a crash during save never costs the previous checkpoint.
+complete one exists, so a crash during save never costs the previous checkpoint. A checkpoint resumes on any
+world size: the same one loads its shards directly, another one goes through reshard.py.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -27,13 +31,14 @@ import torch.distributed as dist
 
 from sparse_dc.config.base import write_text_atomic
 from sparse_dc.errors import SparseDCError
+from sparse_dc.train import reshard
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
 class ResumeError(SparseDCError):
-    """A checkpoint that cannot be resumed by this run (world size or config changed, nothing to resume...)."""
+    """A checkpoint that cannot be resumed by this run (config changed, not loadable...)."""
 
 
 def _barrier() -> None:
@@ -74,9 +79,10 @@ def read_marker(tag_dir: str) -> dict[str, Any]:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, rank: int, world_size: int, keep: int):
+    def __init__(self, run_dir: str, rank: int, world_size: int, keep: int, seed: int = 0):
+        """`seed`: seeds the RNG of a rank a checkpoint from fewer ranks has no state for (see reshard.py)."""
         self.dir = os.path.join(run_dir, "checkpoints")
-        self.rank, self.world_size, self.keep = rank, world_size, keep
+        self.rank, self.world_size, self.keep, self.seed = rank, world_size, keep, seed
 
     @staticmethod
     def tag(step: int) -> str:
@@ -90,8 +96,8 @@ class Checkpointer:
         """Collective: every rank saves its shards, then rank 0 marks the tag complete and prunes old ones."""
         tag = self.tag(step)
         tag_dir = os.path.join(self.dir, tag)
-        if self.rank == 0 and os.path.isdir(tag_dir):  # a stale incomplete attempt at this step
-            shutil.rmtree(tag_dir)
+        if self.rank == 0:  # a stale incomplete attempt at this step, and a universal copy of an older one
+            self._remove(tag)
         _barrier()
         engine.save_checkpoint(self.dir, tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank{self.rank}.pt"))
@@ -102,34 +108,52 @@ class Checkpointer:
                                           "saved_at": time.time()}, indent=1))
             for _, old in complete_checkpoints(self.dir)[:-self.keep]:
                 os.remove(os.path.join(self.dir, old, MARKER))  # unmark first: a half-deleted tag is ignored
-                shutil.rmtree(os.path.join(self.dir, old))
+                self._remove(old)
         _barrier()
         return tag_dir
 
+    def _remove(self, tag: str) -> None:
+        for name in (reshard.universal_tag(tag), tag):  # the derived copy first: it is never trusted alone
+            shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+
     def load(self, engine: Any, tag: str, expect: dict[str, Any]) -> dict[str, Any]:
-        """Collective: restore engine (weights, ZeRO optimizer shards, LR scheduler) and RNG; returns the client
-        state. Refuses, with the fix in the message, a checkpoint from another world size or config."""
+        """Collective: restore engine (weights, ZeRO optimizer state, LR scheduler) and RNG; returns the client
+        state. Refuses, with the fix in the message, a checkpoint from another config. A checkpoint from another
+        world size is re-partitioned through a DeepSpeed universal checkpoint (reshard.py)."""
         tag_dir = os.path.join(self.dir, tag)
         marker = read_marker(tag_dir)
-        if marker["world_size"] != self.world_size:
-            raise ResumeError(
-                f"checkpoint {tag_dir} was written by {marker['world_size']} ranks but this run has "
-                f"{self.world_size}: ZeRO optimizer shards are per rank. Resume with {marker['world_size']} ranks, "
-                f"or consolidate the weights with `python {self.dir}/zero_to_fp32.py {self.dir} OUT --tag {tag}` "
-                f"(or `sparse-dc export`) and start a new run from them (optimizer state is not carried over)")
         for key, value in expect.items():
             if marker.get(key) != value:
                 raise ResumeError(f"checkpoint {tag_dir} has {key}={marker.get(key)!r} but this run has {value!r}: "
                                   f"expected the same setting to resume (use a new run name to start over)")
-        path, client_state = engine.load_checkpoint(self.dir, tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+        saved_world = int(marker["world_size"])
+        if saved_world == self.world_size:
+            path, client_state = engine.load_checkpoint(self.dir, tag=tag, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+        else:
+            start = time.perf_counter()
+            try:
+                reshard.ensure_universal(self.dir, tag, self.rank)
+            except SparseDCError as exc:
+                raise ResumeError(
+                    f"{exc}. Resume with the {saved_world} ranks that wrote it, or consolidate the weights with "
+                    f"`python {self.dir}/zero_to_fp32.py {self.dir} OUT --tag {tag}` (or `sparse-dc export`) and "
+                    "start a new run from them (optimizer state is not carried over)") from exc
+            path, client_state = reshard.load_universal(engine, self.dir, tag)
+            if self.rank == 0:
+                print(f"world size changed: checkpoint {tag} was written by {saved_world} ranks, resuming on "
+                      f"{self.world_size} (ZeRO state re-partitioned through a DeepSpeed universal checkpoint in "
+                      f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
         if path is None:
             raise ResumeError(f"DeepSpeed could not load checkpoint {tag_dir}")
         from sparse_dc.sparsity import fix_deepspeed_state_after_load
 
         fix_deepspeed_state_after_load(engine)
         rng_path = os.path.join(tag_dir, f"rng_rank{self.rank}.pt")
-        set_rng_state(torch.load(rng_path, weights_only=False))
+        if self.rank < saved_world:  # also after shrinking: rank r continues rank r's streams
+            set_rng_state(torch.load(rng_path, weights_only=False))
+        else:
+            reshard.seed_all(self.seed, int(marker["step"]), self.rank)
         return client_state
 
 

@@ -93,7 +93,8 @@ class Trainer:
         self.counts = count_params(model)
         self.engine = build_engine(cfg, model, denv.world_size, self.total_steps)
         self.dst = DSTEngine(self.engine.module, cfg.sparsity, self.total_steps, optimizer_state(self.engine))
-        self.checkpointer = Checkpointer(self.run_dir, denv.rank, denv.world_size, self.tc.keep_checkpoints)
+        self.checkpointer = Checkpointer(self.run_dir, denv.rank, denv.world_size, self.tc.keep_checkpoints,
+                                         self.tc.seed)
         self.step, self.samples, self.train_time, self.wall_time = 0, 0, 0.0, 0.0
         self._wall_start = time.perf_counter()
         self.last_val: float | None = None

@@ -1,0 +1,109 @@
+"""Resume on another world size (a preempted job requeued on fewer or more nodes): ZeRO-2 block-sparse SET 2 -> 1
+rank and ZeRO-3 unstructured RigL 1 -> 2 ranks end where the uninterrupted 2-rank run ends (losses, validation
+loss, consolidated weights and topology); a changed config is still refused on a world-size change. Every run is a
+real `sparse-dc train`.
+
+The uninterrupted references are the cached 2-rank runs of the `zero_run` fixture (1 and 2 ranks train the same
+model up to float reduction order, ~5e-8 relative, see test_train_zero), so each case pays only the interrupted
+run and its resume."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from sparse_dc.train.ledger import read_ledger
+from train_harness import TOTAL_STEPS, check_ok, run_train, start_train, wait_for_step, write_config
+
+pytestmark = pytest.mark.slow
+
+REL = 1e-5  # fp32; the runs agree to ~1e-7, a lost Adam state or step shows as >= 1e-4 within a few steps
+
+
+def stop_with_sigterm(tmp_path, config, nproc: int) -> int:
+    """Start a run, SIGTERM it (launcher and ranks, as SLURM preemption does) after its first topology update;
+    returns the step of the checkpoint it saved on the way out."""
+    run_dir = tmp_path / "runs" / config.stem  # write_config names the file after the run
+    proc = start_train(tmp_path, config, nproc)
+    try:
+        wait_for_step(run_dir, 5, proc)  # the first DST update is at step 5
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
+    assert len(ckpts) == 1 and "saved step" in output, output[-3000:]
+    return int(ckpts[0].removeprefix("step_"))
+
+
+def consolidated(run_dir, step: int) -> dict[str, torch.Tensor]:
+    """fp32 weights and buffers (topology) of a finished run's checkpoint, whatever world size wrote it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{step:08d}")
+
+
+@pytest.mark.parametrize("stage, sparsity, before, after, refuse_first", [(2, "block", 2, 1, True),
+                                                                          (3, "unstructured", 1, 2, False)])
+def test_resume_on_another_world_size_matches_the_uninterrupted_run(zero_run, prepared_data, tmp_path, stage,
+                                                                    sparsity, before, after, refuse_first):
+    reference = zero_run(stage, sparsity)
+    config = write_config(tmp_path, prepared_data, "elastic", sparsity, stage, checkpoint_interval=0,
+                          keep_checkpoints=1)
+    step = stop_with_sigterm(tmp_path, config, before)
+    assert 5 <= step < 15, step  # updates before (5) and after (10, 15) the resume
+    ckpt_dir = tmp_path / "runs" / "elastic" / "checkpoints"
+    if refuse_first:  # a changed config is refused before anything is converted (one case: each try costs ~10 s)
+        proc = run_train(tmp_path, config, after, "--resume", "auto", "train.optimizer.lr=0.001",
+                         launcher="slurm").proc
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "has resume_fingerprint=" in lines[0] and "expected the same setting" in lines[0]
+        assert sorted(os.listdir(ckpt_dir)) == [f"step_{step:08d}", "zero_to_fp32.py", "zero_to_torch.py"]
+
+    resumed = run_train(tmp_path, config, after, "--resume", "auto", launcher="slurm")
+    check_ok(resumed)
+    notes = [line for line in resumed.proc.stderr.splitlines() if "world size changed" in line]
+    assert len(notes) == 1 and (f"checkpoint step_{step:08d} was written by {before} ranks, resuming on {after}"
+                                in notes[0]), notes
+
+    ref, got = reference.losses(), resumed.losses()
+    assert sorted(got) == list(range(1, TOTAL_STEPS + 1))
+    for s in range(step + 1, TOTAL_STEPS + 1):  # the steps trained after the resume, on the new world size
+        assert got[s] == pytest.approx(ref[s], rel=REL, abs=0), s
+    val = [[r["val_loss"] for r in run.records if r["kind"] == "eval"][-1] for run in (reference, resumed)]
+    assert val[1] == pytest.approx(val[0], rel=REL, abs=0)
+    assert resumed.final()["dst"] == reference.final()["dst"]  # same topology decisions, same ever-active units
+
+    want, have = consolidated(reference.dir, TOTAL_STEPS), consolidated(resumed.dir, TOTAL_STEPS)
+    assert want.keys() == have.keys()
+    for name, tensor in want.items():
+        tensor, other = tensor.detach(), have[name].detach()
+        if tensor.is_floating_point():  # relative Frobenius norm: Adam's 1/sqrt(v) amplifies last-bit noise of
+            assert float((other - tensor).norm()) <= REL * float(tensor.norm()), name  # single near-0 weights
+        else:  # masks and block layouts: exactly the same topology
+            assert torch.equal(other, tensor), name
+
+    # the universal copy is pruned with its tag; the new world size wrote ordinary checkpoints
+    assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith(("step_", ".convert"))) == \
+        [f"step_{TOTAL_STEPS:08d}"]
+    marker = json.loads((ckpt_dir / f"step_{TOTAL_STEPS:08d}" / "COMPLETE").read_text())
+    assert marker["world_size"] == after
+    (row,) = read_ledger(str(tmp_path / "ledger.jsonl"))  # only the finished segment appends a row
+    assert row["world_size"] == after and row["steps"] == TOTAL_STEPS and row["val_loss"] == val[1]
+
+
+
+def test_conversion_failure_is_one_clear_error_and_leaves_nothing_behind(tmp_path):
+    from sparse_dc.errors import SparseDCError
+    from sparse_dc.train.reshard import convert_to_universal
+
+    tag = tmp_path / "step_00000003"
+    tag.mkdir()
+    (tag / "COMPLETE").write_text("{}")  # marked complete, but no DeepSpeed files (e.g. a partial copy)
+    with pytest.raises(SparseDCError, match=r"converting checkpoint .*step_00000003 .* universal checkpoint failed"):
+        convert_to_universal(str(tmp_path), tag.name)
+    assert sorted(os.listdir(tmp_path)) == ["step_00000003"]
+    done = tmp_path / "step_00000003_universal"
+    done.mkdir()  # a finished conversion (renamed into place) is reused as is
+    assert convert_to_universal(str(tmp_path), tag.name) == str(done)
