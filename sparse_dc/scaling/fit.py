@@ -24,6 +24,10 @@ from sparse_dc.scaling.forms import LawForm, get_form
 from sparse_dc.scaling.ledger import Runs
 
 DELTA = 1e-3
+# Anchored fits: weight of the residuals pulling each free parameter to the anchor. A unit move costs Huber(1e-3)
+# = 5e-7, far below a fit's data objective (~1e-4 and up), so it only decides directions the runs leave flat (e.g.
+# `a` when every run's model is larger than the compute-optimal size for its data: A then cancels from the law).
+PRIOR_WEIGHT = 1e-3
 Procedure = Literal["paper", "joint", "anchored"]
 
 
@@ -104,12 +108,15 @@ Solver = Literal["lsq", "lbfgs"]
 
 
 def _local(form: LawForm, runs: Runs, free: tuple[str, ...], base: dict[str, float], x0: np.ndarray,
-           delta: float, solver: Solver = "lsq") -> tuple[np.ndarray, float]:
+           delta: float, solver: Solver = "lsq", prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Minimise the objective over the `free` parameters from x0 (others fixed at `base`): (theta, objective).
 
     'lsq': scipy least_squares (trust region) with loss='huber', f_scale=delta, whose cost
     0.5 f^2 sum rho((r/f)^2) equals the paper's Huber sum exactly; 'lbfgs': scipy L-BFGS-B on the same sum.
     Both use the exact Jacobian from forward-mode `Dual`s (residuals: shape (n,), Jacobian (n, K)).
+    `prior` (centre of the free parameters) adds residuals PRIOR_WEIGHT x (theta - prior): negligible where the
+    runs determine a parameter, it pins one they cannot determine instead of letting it drift without bound.
+    The returned objective is the data objective alone.
     """
     log_y = np.log(runs.val_loss)
     lo = np.array([form.bounds.get(k, (-np.inf, np.inf))[0] for k in free])
@@ -123,24 +130,32 @@ def _local(form: LawForm, runs: Runs, free: tuple[str, ...], base: dict[str, flo
             cache[key] = form.log_predict({**base, **dict(zip(free, Dual.seed(theta)))}, runs) - log_y
         return cache[key]
 
+    def values(theta: np.ndarray) -> np.ndarray:  # data residuals, then the prior's (if any)
+        r = np.nan_to_num(residual(theta).v, nan=1e3, posinf=1e3, neginf=-1e3)
+        return r if prior is None else np.concatenate([r, PRIOR_WEIGHT * (theta - prior)])
+
+    def jacobian(theta: np.ndarray) -> np.ndarray:  # (n [+ K], K)
+        j = np.nan_to_num(residual(theta).jacobian().T)
+        return j if prior is None else np.vstack([j, PRIOR_WEIGHT * np.eye(len(theta))])
+
     x0 = np.clip(x0, lo, hi)
     if solver == "lsq":
-        res = least_squares(lambda t: np.nan_to_num(residual(t).v, nan=1e3, posinf=1e3, neginf=-1e3), x0,
-                            jac=lambda t: np.nan_to_num(residual(t).jacobian().T), bounds=(lo, hi), loss="huber",
+        res = least_squares(values, x0, jac=jacobian, bounds=(lo, hi), loss="huber",
                             f_scale=delta, method="trf", x_scale="jac", ftol=1e-12, xtol=1e-12, gtol=1e-12,
                             max_nfev=200)
     else:
         def fun(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            r = residual(theta)
-            if not np.all(np.isfinite(r.v)):
+            if not np.all(np.isfinite(residual(theta).v)):
                 return 1e30, np.zeros_like(theta)
+            r, j = values(theta), jacobian(theta)
             # objective / delta keeps values O(n |r|), so L-BFGS-B's absolute tolerances are meaningful
-            return float(huber(r.v, delta).sum()) / delta, (r.jacobian() @ np.clip(r.v, -delta, delta)) / delta
+            return float(huber(r, delta).sum()) / delta, (j.T @ np.clip(r, -delta, delta)) / delta
 
         res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi)),
                        options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-10, "maxcor": 20})
     theta = res.x
-    return theta, float(objective(form, {**base, **dict(zip(free, theta))}, runs, delta))
+    with np.errstate(all="ignore"):
+        return theta, float(objective(form, {**base, **dict(zip(free, theta))}, runs, delta))
 
 
 def grid_starts(stage_grid: Mapping[str, tuple[float, ...]], free: tuple[str, ...],
@@ -151,9 +166,10 @@ def grid_starts(stage_grid: Mapping[str, tuple[float, ...]], free: tuple[str, ..
 
 
 def fit_stage(form: LawForm, runs: Runs, free: tuple[str, ...], current: Mapping[str, float],
-              starts: np.ndarray, top_k: int = 3, delta: float = DELTA,
-              solver: Solver = "lsq") -> tuple[dict[str, float], float]:
-    """Evaluate every start at once (G x n array), polish the `top_k` best locally, keep the best."""
+              starts: np.ndarray, top_k: int = 3, delta: float = DELTA, solver: Solver = "lsq",
+              prior: np.ndarray | None = None) -> tuple[dict[str, float], float]:
+    """Evaluate every start at once (G x n array), polish the `top_k` best locally, keep the best. `prior`: see
+    `_local`."""
     base = {k: v for k, v in current.items() if k not in free}
     grid_obj = np.empty(len(starts))
     chunk = max(1, 2_000_000 // max(len(runs), 1))  # bound the (chunk x n) temporaries to ~16 MB each
@@ -165,7 +181,7 @@ def fit_stage(form: LawForm, runs: Runs, free: tuple[str, ...], current: Mapping
     best_theta, best_obj = None, np.inf
     for i in np.argsort(np.where(np.isfinite(grid_obj), grid_obj, np.inf), kind="stable")[:top_k]:
         with np.errstate(all="ignore"):
-            theta, obj = _local(form, runs, free, base, starts[i], delta, solver)
+            theta, obj = _local(form, runs, free, base, starts[i], delta, solver, prior)
         if obj < best_obj:
             best_theta, best_obj = theta, obj
     if best_theta is None:
@@ -234,6 +250,7 @@ def fit_anchored(runs: Runs, form: str | LawForm, anchor: Mapping[str, float], f
     pilot sweep): it recalibrates the law's scale to a new tokenizer/corpus (free a, b, e: the parameter-term,
     data-term and irreducible-loss scales) and keeps the paper's exponents and sparsity/repetition shape. It
     says nothing about those shapes: fit them with procedure 'paper' once the ledger covers the paper's stages.
+    A weak pull to the anchor (PRIOR_WEIGHT) keeps a coefficient the runs cannot determine at its anchor value.
     """
     law = get_form(form) if isinstance(form, str) else form
     unknown = [k for k in free if k not in law.param_names]
@@ -245,7 +262,7 @@ def fit_anchored(runs: Runs, form: str | LawForm, anchor: Mapping[str, float], f
     t0 = time.perf_counter()
     current = law.check_params(anchor)
     starts = np.array([[current[k] for k in free]])
-    current, obj = fit_stage(law, runs, free, current, starts, 1, delta, solver)
+    current, obj = fit_stage(law, runs, free, current, starts, 1, delta, solver, prior=starts[0])
     params = law.check_params(current)
     report = {"name": "anchored", "free": list(free), "n_runs": len(runs), "starts": 1, "objective": obj,
               "seconds": time.perf_counter() - t0}

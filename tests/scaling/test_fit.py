@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from sparse_dc.scaling.fit import FitError, fit_law, fit_metrics, huber, load_fit, objective
+from sparse_dc.scaling.fit import FitError, fit_anchored, fit_law, fit_metrics, huber, load_fit, objective
 from sparse_dc.scaling.forms import CHINCHILLA, PAPER, get_form
+from sparse_dc.scaling.ledger import runs_from_rows
 from sparse_dc.scaling.synthetic import synthetic_runs
 
 
@@ -51,3 +52,20 @@ def test_too_few_runs_for_a_stage_is_a_clear_error(train_runs):
         fit_law(only_single_epoch, "paper")
     with pytest.raises(FitError, match="stages='both'"):
         fit_law(train_runs, "paper", "both")
+
+
+def test_anchored_fit_keeps_a_coefficient_the_runs_cannot_determine_at_its_anchor():
+    """Tiny models on 4K unique tokens are all larger than the compute-optimal size for their data, so A cancels
+    from the law (N_eff is set by U_N, and U_N's dependence on A offsets A's): without the pull to the anchor the
+    least-squares walk drove `a` to about -2e12 and the predictions to nonsense (a real quickstart-sized ledger)."""
+
+    law = get_form("paper")
+    rows = [{"name": f"r{i}", "dense_params": 115_008, "active_params": 115_008 * d, "density": d,
+             "unique_tokens": 4096, "tokens": 4096 * r, "val_loss": 1.0}
+            for i, (d, r) in enumerate([(1.0, 1), (1.0, 2), (0.5, 1), (0.5, 2), (0.25, 4)])]
+    truth = {**PAPER, "b": 3.0, "e": 1.2}  # a recalibrated law: other corpus and tokenizer
+    runs = runs_from_rows(rows)
+    runs = runs_from_rows([{**row, "val_loss": float(v)} for row, v in zip(rows, law.predict(truth, runs))])
+    fit = fit_anchored(runs, law, PAPER, ("a", "b", "e"))
+    assert abs(fit.params["a"] - PAPER["a"]) < 1.0
+    assert fit.metrics["mape"] < 1e-3 and np.isfinite(fit.objective)
