@@ -66,10 +66,11 @@ def universal_tag(tag: str) -> str:
     return tag + SUFFIX
 
 
-def convert_to_universal(ckpt_dir: str, tag: str) -> str:
+def convert_to_universal(ckpt_dir: str, tag: str, workers: int = 1) -> str:
     """Convert `ckpt_dir/tag` into `ckpt_dir/<tag>_universal` (not collective: one process calls it) and return
     that path; an existing one is reused. Written under a temp folder, then renamed, so a crash mid-conversion
-    leaves no half-converted tag that a later resume would trust."""
+    leaves no half-converted tag that a later resume would trust. `workers` > 1: DeepSpeed's extract/merge
+    process pools (offline conversion of big models, `sparse-dc reshard`)."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     out = os.path.join(ckpt_dir, universal_tag(tag))
@@ -80,7 +81,7 @@ def convert_to_universal(ckpt_dir: str, tag: str) -> str:
     shutil.rmtree(work, ignore_errors=True)  # a crashed earlier attempt
     staged = os.path.join(work, universal_tag(tag))
     args = argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=staged,
-                              num_extract_workers=1, num_merge_workers=1,  # in-process: no worker pool to spawn
+                              num_extract_workers=workers, num_merge_workers=workers,  # 1: in-process, no pool
                               keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # plain models carry no universal_checkpoint_info
     log = io.StringIO()
@@ -184,3 +185,21 @@ def seed_all(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(value)
     np.random.seed(value)
     random.seed(value)
+
+
+def main(argv: list[str]) -> int:
+    """`sparse-dc reshard --checkpoint RUN|TAG [--workers N]`: convert ahead of a resume on another world size.
+
+    A resume converts on rank 0 while the other ranks wait in a collective; for a big model that can outlast the
+    process group's timeout. Converting here first (on a node with many cores) makes the resume reuse it."""
+    from sparse_dc.train.export import resolve_checkpoint
+
+    p = argparse.ArgumentParser(prog="sparse-dc reshard", description=main.__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or a step_* folder")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="extract/merge processes")
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        raise SparseDCError(f"--workers={args.workers}: expected an integer >= 1")
+    root, tag = resolve_checkpoint(args.checkpoint)
+    print(convert_to_universal(root, tag, args.workers))
+    return 0

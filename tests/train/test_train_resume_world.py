@@ -8,6 +8,7 @@ model up to float reduction order, ~5e-8 relative, see test_train_zero), so each
 run and its resume."""
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -107,3 +108,20 @@ def test_conversion_failure_is_one_clear_error_and_leaves_nothing_behind(tmp_pat
     done = tmp_path / "step_00000003_universal"
     done.mkdir()  # a finished conversion (renamed into place) is reused as is
     assert convert_to_universal(str(tmp_path), tag.name) == str(done)
+
+
+def test_reshard_command_converts_ahead_of_the_resume(zero_run, tmp_path, capsys):
+    """`sparse-dc reshard` (offline, DeepSpeed's worker pools) writes the folder a resume on another world size
+    reuses; a copy of the cached 2-rank reference run keeps that run untouched for the other tests."""
+    from sparse_dc.cli import main as sparse_dc_main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(zero_run(2, "block").dir / "checkpoints", run_dir / "checkpoints")
+    assert sparse_dc_main(["reshard", "--checkpoint", str(run_dir), "--workers", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    tag = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith("_universal"))[-1]
+    assert out == str(run_dir / "checkpoints" / f"{tag}_universal")
+    assert os.path.isdir(os.path.join(out, "zero")) and len(os.listdir(os.path.join(out, "zero"))) > 3
+    assert not any(p.name.startswith(".convert_") for p in (run_dir / "checkpoints").iterdir())
+    assert sparse_dc_main(["reshard", "--checkpoint", str(run_dir), "--workers", "0"]) == 2
+    assert "--workers=0: expected an integer >= 1" in capsys.readouterr().err
