@@ -152,7 +152,11 @@ _AB_GRID = {"a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "b": (0.0, 5.0, 10.0, 15.0,
             "e": (-1.0, -0.5, 0.0, 0.5, 1.0), "alpha": (0.1, 0.3, 0.5, 1.0, 1.5)}
 _G_GRID = tuple(float(g) for g in range(1, 21))  # the paper's stage-3 grid for g1, g2: 1..20
 _C_GRID = (-2.0, -1.0, 0.0, 1.0, 2.0)  # the paper's stage-4 grid for c11, c12, c21, c22: -2..2
-_SPARSE_BOUNDS = {"alpha": (0.01, 3.0), "mu": (0.01, 5.0), "eps": (-3.0, 3.0), "g1": (1e-2, 1e3), "g2": (1e-2, 1e3)}
+# a, b, e are log-scales (A = e^a ...): wide bounds that no real law reaches, but that stop a local solver from
+# walking an unidentified scale to ~1e12, where the law's cancelling terms lose all precision (see fit_anchored).
+_LOG_SCALE_BOUNDS = {"a": (-20.0, 60.0), "b": (-20.0, 60.0), "e": (-20.0, 5.0)}
+_SPARSE_BOUNDS = {**_LOG_SCALE_BOUNDS, "alpha": (0.01, 3.0), "mu": (0.01, 5.0), "eps": (-3.0, 3.0),
+                  "g1": (1e-2, 1e3), "g2": (1e-2, 1e3)}
 _SPARSE_INIT = {"a": 6.0, "b": 6.0, "e": 0.5, "alpha": 0.3, "eps": 0.0, "mu": 1.0, "c": 0.0, "g1": 5.0,
                 "g2": 15.0, "c11": 0.0, "c12": 0.0, "c21": 0.0, "c22": 0.0}
 
@@ -179,7 +183,7 @@ _FORMS: dict[str, LawForm] = {
     "chinchilla": Chinchilla(
         name="chinchilla", param_names=tuple(CHINCHILLA),
         init={"a": 6.0, "b": 6.0, "e": 0.5, "alpha": 0.3, "beta": 0.3},
-        bounds={"alpha": (0.01, 3.0), "beta": (0.01, 3.0)}, presets={"chinchilla": CHINCHILLA},
+        bounds={**_LOG_SCALE_BOUNDS, "alpha": (0.01, 3.0), "beta": (0.01, 3.0)}, presets={"chinchilla": CHINCHILLA},
         stages=(Stage("1-all", tuple(CHINCHILLA), lambda x: np.ones(len(np.atleast_1d(x.tokens)), bool),
                       {**_AB_GRID, "beta": _AB_GRID["alpha"]}),)),
 }
