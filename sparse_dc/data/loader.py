@@ -149,17 +149,14 @@ class TokenBudget:
             raise IndexError(f"sample range [{lo}, {hi}) outside [0, {self.plan.total_samples})")
         if lo == hi:  # an empty micro-batch of a partial final batch (lo may be past the last epoch's start)
             return np.empty((0, self.plan.seq_len), np.int64)
-        n = self.plan.unique_sequences
-        epoch, position = divmod(lo, n)
-        if position + hi - lo <= n:  # the common case: one epoch, one slice
-            return self.stream.gather(self._epoch_offsets(epoch)[position: position + hi - lo], self.plan.seq_len)
-        parts = []
-        while lo < hi:
+        n, parts = self.plan.unique_sequences, []
+        while lo < hi:  # one slice per epoch spanned: nearly always exactly one
             epoch, position = divmod(lo, n)
             take = min(hi - lo, n - position)
             parts.append(self._epoch_offsets(epoch)[position: position + take])
             lo += take
-        return self.stream.gather(np.concatenate(parts), self.plan.seq_len)
+        offsets = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self.stream.gather(offsets, self.plan.seq_len)
 
     # --- batching -------------------------------------------------------------------------------------------
     def num_batches(self, global_batch: int) -> int:
