@@ -148,6 +148,15 @@ class TokenStream:
         return self._window_cache[key]
 
 
+def manifest_tokenizer(directory: str, manifest: dict | None = None) -> str:
+    """Path of the tokenizer a prepared directory was tokenized with, checked against its manifest's sha256."""
+    tok = (manifest or read_manifest(directory))["tokenizer"]
+    path = os.path.join(directory, tok["file"])
+    if not os.path.isfile(path) or sha256_file(path) != tok["sha256"]:
+        raise DataError(f"{path}: missing or not the manifest's tokenizer (sha256 {tok['sha256'][:12]}...)")
+    return path
+
+
 def open_stream(directory: str, verify: str = "checksum", tokenizer_path: str | None = None) -> TokenStream:
     """Open a prepared directory, check every shard against the manifest, and map the tokens (zero copy).
 
@@ -156,9 +165,7 @@ def open_stream(directory: str, verify: str = "checksum", tokenizer_path: str | 
     """
     manifest = read_manifest(directory)
     tok = manifest["tokenizer"]
-    tok_path = os.path.join(directory, tok["file"])
-    if not os.path.isfile(tok_path) or sha256_file(tok_path) != tok["sha256"]:
-        raise DataError(f"{tok_path}: missing or not the manifest's tokenizer (sha256 {tok['sha256'][:12]}...)")
+    manifest_tokenizer(directory, manifest)
     if tokenizer_path is not None and sha256_file(tokenizer_path) != tok["sha256"]:
         raise DataError(f"tokenizer {tokenizer_path!r} is not the one {directory!r} was prepared with "
                         f"(expected sha256 {tok['sha256'][:12]}...)")

@@ -109,22 +109,21 @@ def hf_config(model: torch.nn.Module) -> dict:
 def find_tokenizer(cfg: RunConfig, override: str | None) -> str | None:
     """The tokenizer file to ship: `override`, else the one in the run's prepared data directory (which must match
     its manifest's sha256). None, with a warning, when the data directory is gone and no override was given."""
-    from sparse_dc.data.shards import read_manifest, sha256_file
+    from sparse_dc.data.shards import MANIFEST, manifest_tokenizer
+    from sparse_dc.data.sources import DataError
 
     if override is not None:
         if not os.path.isfile(override):
             raise SparseDCError(f"--tokenizer {override}: no such file; expected a SentencePiece .model file")
         return override
-    if not os.path.isfile(os.path.join(cfg.data.dir, "manifest.json")):
+    if not os.path.isfile(os.path.join(cfg.data.dir, MANIFEST)):
         log.warning("the run's data directory %s is not here: the export has no tokenizer (pass --tokenizer FILE)",
                     cfg.data.dir)
         return None
-    tok = read_manifest(cfg.data.dir)["tokenizer"]
-    path = os.path.join(cfg.data.dir, tok["file"])
-    if not os.path.isfile(path) or sha256_file(path) != tok["sha256"]:
-        raise SparseDCError(f"{path}: missing or not the tokenizer {cfg.data.dir}'s manifest names "
-                            f"(sha256 {tok['sha256'][:12]}...); pass --tokenizer FILE")
-    return path
+    try:
+        return manifest_tokenizer(cfg.data.dir)
+    except DataError as exc:
+        raise SparseDCError(f"{exc}; pass --tokenizer FILE") from None
 
 
 def write_tokenizer(path: str, out_dir: str, max_seq_len: int) -> dict[str, int]:
