@@ -9,7 +9,7 @@ import argparse
 import logging
 
 from sparse_dc.config.base import load_yaml_mapping
-from sparse_dc.launch.sweep import SweepError, expand, parse_grid_args, run_sweep, sweep_ledger
+from sparse_dc.launch.sweep import SweepError, expand, parse_grid_args, run_sweep, summarize, sweep_ledger
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
     log_dir = args.log_dir or f"{runs[0].config.output_dir}/sweep-logs"
     status = run_sweep(runs, args.config, ledger, log_dir, args.launcher,
                        args.nproc, args.sbatch_args, args.dry_run)
-    counts = {s: list(status.values()).count(s) for s in sorted(set(status.values()))}
-    print(f"sweep: {len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; ledger {ledger}")
-    if "failed" in status.values():
-        raise SweepError(f"{counts['failed']} run(s) failed: {[n for n, s in status.items() if s == 'failed']}")
+    print(f"sweep: {len(runs)} runs: {summarize(status)}; ledger {ledger}")
+    failed = [n for n, s in status.items() if s == "failed"]
+    if failed:
+        raise SweepError(f"{len(failed)} run(s) failed: {failed}")
     return 0

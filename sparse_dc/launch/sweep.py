@@ -187,6 +187,12 @@ def run_sweep(runs: list[Run], base_config: str, ledger: str, log_dir: str,
     return status
 
 
+def summarize(status: dict[str, str]) -> str:
+    """'4 done, 2 skipped'-style counts of a run_sweep result, statuses in alphabetical order."""
+    counts = {s: list(status.values()).count(s) for s in sorted(set(status.values()))}
+    return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
 def _submit(run: Run, cmd: list[str], env: dict[str, str] | None) -> str:
     """sbatch one run; returns its job id."""
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s reproduce: %(message)s", datefmt="%H:%M:%S")
-    from sparse_dc.launch.sweep import run_sweep
+    from sparse_dc.launch.sweep import run_sweep, summarize
     from sparse_dc.reproduce.plan import plan_runs, prepare_data
 
     scale = get_scale(args.scale)
@@ -61,8 +61,7 @@ def main(argv: list[str]) -> int:
             env["OMP_NUM_THREADS"] = str(args.threads or env.get("OMP_NUM_THREADS", 1))
         status = run_sweep(runs, base, ledger, os.path.join(out, "logs"), args.launcher, args.nproc,
                            args.sbatch_args, args.dry_run, env)
-        counts = {s: list(status.values()).count(s) for s in sorted(set(status.values()))}
-        print(f"reproduce {scale.name}: {len(runs)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        print(f"reproduce {scale.name}: {len(runs)} runs: {summarize(status)}")
         if args.dry_run:
             return 0
         if {"submitted", "queued"} & set(status.values()):
