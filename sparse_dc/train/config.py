@@ -115,6 +115,10 @@ class TrainConfig(Config):
     """Optimizer steps between checkpoints (0 = only at the end); SIGTERM also triggers one."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
+    stop_at_step: int | None = None
+    """Save a checkpoint and exit (status 0) after this optimizer step, leaving the LR/DST schedules those of the
+    whole run: a long schedule trained in pieces, each continued with `--resume auto` (OLMo-core's hard stop).
+    null = train to the end."""
     save_final: bool = True
     """Save a checkpoint at the end of the run (export reads it)."""
     ledger: str = "runs/ledger.jsonl"
@@ -140,6 +144,8 @@ class TrainConfig(Config):
         self.check(self.eval_sequences is None or self.eval_sequences >= 1, path, "eval_sequences",
                    "null or an integer >= 1")
         self.check(self.keep_checkpoints >= 1, path, "keep_checkpoints", "an integer >= 1")
+        self.check(self.stop_at_step is None or self.stop_at_step >= 1, path, "stop_at_step",
+                   "null or an integer >= 1")
         self.check(bool(self.ledger), path, "ledger", "a file path")
         self.check(self.peak_flops is None or self.peak_flops > 0, path, "peak_flops", "null or a number > 0")
         super().validate(path)

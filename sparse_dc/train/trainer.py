@@ -39,7 +39,7 @@ def resume_fingerprint(cfg: RunConfig) -> str:
     a resume must match it."""
     data = cfg.to_dict()
     for key in ("log_interval", "eval_interval", "eval_sequences", "checkpoint_interval", "keep_checkpoints",
-                "save_final", "ledger", "tensorboard", "progress", "peak_flops", "verify_replicas"):
+                "save_final", "stop_at_step", "ledger", "tensorboard", "progress", "peak_flops", "verify_replicas"):
         data["train"].pop(key)
     data["data"].pop("num_workers")
     data["data"].pop("verify")
@@ -137,6 +137,11 @@ class Trainer:
             if denv.is_main:
                 print(f"run {self.cfg.name!r} already finished ({self.step} steps); nothing to do")
             return None
+        if tc.stop_at_step is not None and self.step >= tc.stop_at_step:
+            if denv.is_main:
+                print(f"run {self.cfg.name!r} is at step {self.step} >= train.stop_at_step={tc.stop_at_step}; "
+                      "nothing to do (raise or drop train.stop_at_step to continue)")
+            return None
         if denv.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             write_text_atomic(os.path.join(self.run_dir, "config.yaml"), self.cfg.to_yaml())
@@ -173,6 +178,11 @@ class Trainer:
                     self.save()
                     self.metrics.message(f"{stop.name()}: saved step {self.step} and stopped; continue with "
                                          "--resume auto")
+                    return None
+                if self.step == tc.stop_at_step and self.step < self.total_steps:
+                    self.save()
+                    self.metrics.message(f"train.stop_at_step={self.step}: saved step {self.step} of "
+                                         f"{self.total_steps} and stopped; continue with --resume auto")
                     return None
                 if tc.checkpoint_interval and self.step % tc.checkpoint_interval == 0 \
                         and self.step < self.total_steps:

@@ -1,4 +1,4 @@
-"""Resume on another world size (a preempted job requeued on fewer or more nodes): ZeRO-2 block-sparse SET 2 -> 1
+"""Resume on another world size (a job continued on fewer or more nodes): ZeRO-2 block-sparse SET 2 -> 1
 rank and ZeRO-3 unstructured RigL 1 -> 2 ranks end where the uninterrupted 2-rank run ends (losses, validation
 loss, consolidated weights and topology); a changed config is still refused on a world-size change. Every run is a
 real `sparse-dc train`.
@@ -9,32 +9,39 @@ run and its resume."""
 import json
 import os
 import shutil
-import signal
 
 import pytest
 import torch
 
 from sparse_dc.train.ledger import read_ledger
-from train_harness import TOTAL_STEPS, check_ok, run_train, start_train, wait_for_step, write_config
+from train_harness import TOTAL_STEPS, check_ok, run_train, write_config
 
 pytestmark = pytest.mark.slow
 
 REL = 1e-5  # fp32; the runs agree to ~1e-7, a lost Adam state or step shows as >= 1e-4 within a few steps
 
 
-def stop_with_sigterm(tmp_path, config, nproc: int) -> int:
-    """Start a run, SIGTERM it (launcher and ranks, as SLURM preemption does) after its first topology update;
-    returns the step of the checkpoint it saved on the way out."""
+STOP_STEP = 5  # right after the first DST update (steps 5, 10, 15): the later two run on the new world size
+
+
+def stop_after_first_update(tmp_path, config, nproc: int) -> int:
+    """Train the first STOP_STEP steps on `nproc` ranks, save and exit (train.stop_at_step), as a job cut short
+    by its allocation would; returns the saved step.
+
+    The stop step must not depend on timing. 1 and 2 ranks train the same weights only up to reduction order
+    (~1e-7 relative), and a DST decision between two candidates closer than that can go either way: in this
+    RigL run two dead entries of layers.0.mlp.gate score within 2e-7 of each other at step 10, and 1 rank grows
+    one, 2 ranks the other. So the uninterrupted 2-rank run is the reference only for updates made on 2 ranks;
+    a SIGTERM that happened to land after step 10 made that update on the old world size (a flaky test, not a
+    resume bug: an uninterrupted 1-rank run makes the same choice as that resumed run)."""
     run_dir = tmp_path / "runs" / config.stem  # write_config names the file after the run
-    proc = start_train(tmp_path, config, nproc)
-    try:
-        wait_for_step(run_dir, 5, proc)  # the first DST update is at step 5
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+    proc = run_train(tmp_path, config, nproc, f"train.stop_at_step={STOP_STEP}", launcher="slurm").proc
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"train.stop_at_step={STOP_STEP}: saved step {STOP_STEP}" in proc.stdout, proc.stdout[-3000:]
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
-    assert len(ckpts) == 1 and "saved step" in output, output[-3000:]
-    return int(ckpts[0].removeprefix("step_"))
+    assert ckpts == [f"step_{STOP_STEP:08d}"]
+    assert not (tmp_path / "ledger.jsonl").exists()  # an unfinished run has no ledger row
+    return STOP_STEP
 
 
 def consolidated(run_dir, step: int) -> dict[str, torch.Tensor]:
@@ -51,8 +58,7 @@ def test_resume_on_another_world_size_matches_the_uninterrupted_run(zero_run, pr
     reference = zero_run(stage, sparsity)
     config = write_config(tmp_path, prepared_data, "elastic", sparsity, stage, checkpoint_interval=0,
                           keep_checkpoints=1)
-    step = stop_with_sigterm(tmp_path, config, before)
-    assert 5 <= step < 15, step  # updates before (5) and after (10, 15) the resume
+    step = stop_after_first_update(tmp_path, config, before)
     ckpt_dir = tmp_path / "runs" / "elastic" / "checkpoints"
     if refuse_first:  # a changed config is refused before anything is converted (one case: each try costs ~10 s)
         proc = run_train(tmp_path, config, after, "--resume", "auto", "train.optimizer.lr=0.001",

@@ -48,6 +48,7 @@ def test_nan_loss_stops_with_a_clear_message(prepared_data, tmp_path):
     ("train.deepspeed.zero_stage=4", "train.deepspeed.zero_stage=4: expected 1, 2 or 3"),
     ("train.global_batch=10", "train.global_batch=10: expected a positive multiple of micro_batch=4"),
     ("train.optimiser.lr=1", "train.optimiser: unknown config section"),
+    ("train.stop_at_step=0", "train.stop_at_step=0: expected null or an integer >= 1"),
 ])
 def test_config_error_exits_2_with_one_line(prepared_data, tmp_path, override, message):
     config = write_config(tmp_path, prepared_data, "bad", "block")
