@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from sparse_dc.errors import reporting_disk_full
+
 # Dense bf16/fp16 tensor-core peak FLOP/s per device (vendor datasheets, SXM parts, no sparsity). fp32 runs on
 # CUDA use TF32 tensor cores for matmuls; we do not guess an fp32 peak: set train.peak_flops.
 PEAK_FLOPS_16BIT = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -79,7 +81,7 @@ class Metrics:
         if not self.enabled:
             return
         record = {"kind": prefix, **record}
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with reporting_disk_full(self.path), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         step = record["step"]
         if self.tb is not None:
