@@ -67,6 +67,12 @@ def _prepare(args: argparse.Namespace) -> int:
     print(f"wrote {cfg.out}: {manifest['total_documents']} documents, {manifest['total_tokens']} tokens in "
           f"{len(manifest['shards'])} shard(s), {manifest['dtype']}, vocab {manifest['tokenizer']['vocab_size']} "
           f"({manifest['seconds']} s)")
+    if manifest["skipped_rows"]:
+        from collections import Counter
+
+        from sparse_dc.data.prepare import describe_skipped
+
+        print(f"skipped {describe_skipped(Counter(manifest['skipped_rows']))} (no text to tokenize)")
     return 0
 
 

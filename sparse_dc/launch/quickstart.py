@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from sparse_dc.config.base import write_text_atomic
-from sparse_dc.launch.sweep import SweepError, expand, run_sweep
+from sparse_dc.launch.sweep import SweepError, expand, run_sweep, unfinished
 
 # Tiny-model budget: U = 16,384 unique tokens (256 sequences of 64), global batch 16 sequences (1,024 tokens).
 BASE = {
@@ -86,9 +86,9 @@ def train_runs(config: str, nproc: int) -> tuple[list[Any], str]:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     status = run_sweep(runs, config, ledger, os.path.join(os.path.dirname(config), "logs"), nproc=nproc, env=env)
-    failed = [name for name, s in status.items() if s == "failed"]
+    failed = unfinished(status)
     if failed:
-        raise SweepError(f"quickstart run(s) {', '.join(failed)} failed; see their logs under "
+        raise SweepError(f"quickstart run(s) {', '.join(failed)} did not finish; see their logs under "
                          f"{os.path.join(os.path.dirname(config), 'logs')}")
     return runs, ledger
 

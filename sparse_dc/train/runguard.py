@@ -12,10 +12,10 @@ the run ended when the launcher's exit code cannot, and user errors that reach t
   how the run ended: {"state": finished | paused | stopped | busy | failed, "exit": code, "message": ...}. The
   sweep runner and the SLURM script read it instead of the launcher's status.
 - **Errors once.** Every user error is raised identically on every rank (a replicated check, or one agreed by a
-  collective), so rank 0 reports it. Under torchrun each rank writes it to torchrun's error file instead of
-  printing: torchrun prints it once, as the failure's root cause, whichever rank exits first. Elsewhere ranks
-  > 0 wait before they exit, so that a launcher that stops the job when the first rank fails (srun
-  --kill-on-bad-exit, the deepspeed launcher) does not kill rank 0 before it printed.
+  collective), so rank 0 alone reports it, and ranks > 0 wait before they exit: a launcher that stops the job
+  when its first rank fails (torchrun, the deepspeed launcher, srun --kill-on-bad-exit) must not kill rank 0
+  before it reported. Under torchrun rank 0 writes the message to torchrun's error file instead of printing it,
+  so it appears once, as the root cause in torchrun's failure summary.
 """
 from __future__ import annotations
 
@@ -140,20 +140,19 @@ def die_with_launcher() -> None:
 
 
 def report_error(message: str, launch_rank: int) -> bool:
-    """Deliver a user error once per launch; returns whether the caller should still print it (rank 0 outside
-    torchrun). Ranks that do not print exit through here."""
+    """Deliver a user error once per launch; returns whether the caller should print it (rank 0 outside
+    torchrun). Ranks > 0 exit through here after a grace period, which the launcher normally cuts short once
+    rank 0 has exited; under torchrun rank 0 hands the message to torchrun's error file and exits."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if under_torchrun() and error_file:
-        # torchrun's summary names the failure with the earliest timestamp as the root cause; its timestamps are
-        # whole seconds and a rank it stops afterwards is stamped at that moment, so ours is one second earlier
-        record = {"message": message, "timestamp": math.floor(time.time()) - 1}
-        try:
-            write_text_atomic(error_file, json.dumps(record))
-        except OSError:
-            if launch_rank == 0:
-                return True
+    if launch_rank != 0:
+        time.sleep(ERROR_GRACE_S)
         os._exit(EXIT_ERROR)
-    if launch_rank == 0:
+    if not (under_torchrun() and error_file):
         return True
-    time.sleep(ERROR_GRACE_S)  # the launcher stops this rank once rank 0 has reported and exited
+    # torchrun's summary names the failure with the earliest timestamp as the root cause; its timestamps are whole
+    # seconds and a rank it stops afterwards is stamped at that moment, so this one is dated a second earlier
+    try:
+        write_text_atomic(error_file, json.dumps({"message": message, "timestamp": math.floor(time.time()) - 1}))
+    except OSError:
+        return True
     os._exit(EXIT_ERROR)
