@@ -1,6 +1,6 @@
 """`sparse-dc reproduce`: the paper's headline findings at small scale, from one command.
 
-    sparse-dc reproduce --scale tiny --out runs/reproduce-tiny            # 2-core CPU, built-in corpus, ~30 min
+    sparse-dc reproduce --scale tiny --out runs/reproduce-tiny            # 2-core CPU, built-in corpus, ~15 min
     sparse-dc reproduce --scale small --out runs/reproduce-small          # one GPU
     sparse-dc reproduce --scale medium --data DIR --launcher slurm -- --partition=gpu
 
