@@ -1,7 +1,6 @@
 """Read documents from the inputs of `sparse-dc data prepare`: text, JSONL, parquet, or a saved HF dataset."""
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -98,26 +97,15 @@ def _text_documents(path: str, doc_boundary: str) -> Iterator[str]:
 
 
 def _jsonl_documents(path: str, text_field: str, skipped: Counter | None = None) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict) or text_field not in row:
-                    raise DataError(f"{path}:{lineno}: expected an object with a {text_field!r} field "
-                                    "(choose it with --text-field)")
-                text = _row_text(row[text_field], text_field, skipped)
-                if text is not None:
-                    yield text
-        except UnicodeDecodeError:
-            # decoding runs a buffer ahead of the lines: name the last line read whole
-            raise DataError(f"input {path!r} is not UTF-8 text (undecodable bytes after line {lineno}): expected "
-                            "UTF-8 JSON lines") from None
+    from sparse_dc.jsonl import json_objects
+
+    for lineno, row in json_objects(path, DataError):
+        if text_field not in row:
+            raise DataError(f"{path}:{lineno}: expected an object with a {text_field!r} field "
+                            "(choose it with --text-field)")
+        text = _row_text(row[text_field], text_field, skipped)
+        if text is not None:
+            yield text
 
 
 def _parquet_documents(path: str, text_field: str, skipped: Counter | None = None) -> Iterator[str]:

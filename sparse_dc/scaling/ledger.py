@@ -15,6 +15,7 @@ import numpy as np
 
 from sparse_dc.config import parse_quantity
 from sparse_dc.errors import SparseDCError
+from sparse_dc.jsonl import json_objects
 
 REQUIRED = ("name", "dense_params", "density", "unique_tokens", "tokens", "val_loss")
 
@@ -96,26 +97,18 @@ def read_runs(path: str) -> Runs:
     """Read a ledger: JSON lines (`.jsonl`/`.json`, blank lines skipped) or CSV (`.csv`, header row)."""
     if not os.path.isfile(path):
         raise LedgerError(f"ledger {path!r} does not exist")
-    with open(path, encoding="utf-8", newline="") as fh:
-        if path.lower().endswith(".csv"):
+    if not path.lower().endswith(".csv"):
+        return runs_from_rows([row for _, row in json_objects(path, LedgerError)], path)
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
             absent = [k for k in REQUIRED if k not in (reader.fieldnames or [])]
             if absent:
                 raise LedgerError(f"{path}: CSV header lacks column(s) {', '.join(absent)}; "
                                   f"expected {', '.join(REQUIRED)} (active_params optional)")
-            return runs_from_rows(list(reader), path)
-        rows = []
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LedgerError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per line"
-                                  ) from None
-            if not isinstance(row, dict):
-                raise LedgerError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise LedgerError(f"{path} is not UTF-8 text (byte {exc.start}): expected a UTF-8 CSV") from None
     return runs_from_rows(rows, path)
 
 

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sparse_dc.errors import SparseDCError, reporting_disk_full
+from sparse_dc.jsonl import json_objects
 
 SHARED_FIELDS = ("name", "dense_params", "active_params", "density", "unique_tokens", "tokens", "val_loss")
 
@@ -118,23 +119,7 @@ def update_rows(path: str, match: Callable[[dict[str, Any]], bool], fields: dict
 
 def read_ledger(path: str) -> list[dict[str, Any]]:
     """All rows of a ledger file, in order; a line that is not a JSON object is a one-line error naming it."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SparseDCError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object "
-                                        "per line") from None
-                if not isinstance(row, dict):
-                    raise SparseDCError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                rows.append(row)
-    except UnicodeDecodeError as exc:
-        raise SparseDCError(f"ledger {path} is not UTF-8 text (byte {exc.start}): expected JSON lines") from None
-    return rows
+    return [row for _, row in json_objects(path)]
 
 
 def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens_per_s: float, wall_time_s: float,

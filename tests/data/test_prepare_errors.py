@@ -39,7 +39,7 @@ def test_input_without_text_fails_before_tokenizer_training(tmp_path):
 
 def test_non_utf8_jsonl_input(tmp_path, prepared):
     (tmp_path / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin1.jsonl' is not UTF-8 text \(undecodable bytes after line 0\)"):
+    with pytest.raises(DataError, match=r"latin1.jsonl is not UTF-8 text \(undecodable bytes after line 0\)"):
         prepare(PrepareConfig(inputs=[str(tmp_path / "latin1.jsonl")], out=str(tmp_path / "out"),
                               tokenizer=os.path.join(prepared, "tokenizer.model")))
 
