@@ -173,7 +173,7 @@ def _nan_weights(path: Path) -> None:
 
     state = torch.load(path, weights_only=False)
     for group in state["optimizer_state_dict"]["single_partition_of_fp32_groups"]:
-        group.fill_(float("nan"))
+        group.detach().fill_(float("nan"))
     torch.save(state, path)
 
 

@@ -36,9 +36,10 @@ class TrainingDiverged(SparseDCError):
 
 
 def resume_fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything that shapes the loss trajectory (not logging, eval or checkpoint cadence, ledger path):
-    a resume must match it."""
+    """Hash of everything that shapes the loss trajectory (not logging, eval or checkpoint cadence, ledger path,
+    nor where the run folder lives: it may be moved or copied): a resume must match it."""
     data = cfg.to_dict()
+    data.pop("output_dir")
     for key in ("log_interval", "eval_interval", "eval_sequences", "checkpoint_interval", "keep_checkpoints",
                 "save_final", "stop_at_step", "ledger", "tensorboard", "progress", "peak_flops", "verify_replicas"):
         data["train"].pop(key)

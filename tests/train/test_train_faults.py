@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 
 from sparse_dc.train.ledger import read_ledger
 from train_harness import (TOTAL_STEPS, Run, check_ok, run_train, start_train, train_command, train_env,
@@ -75,7 +76,7 @@ def _nan_master_weights(path: Path) -> None:
     """A well-formed optimizer file whose fp32 master weights are NaN: loads without complaint today."""
     state = torch.load(path, weights_only=False)
     for group in state["optimizer_state_dict"]["single_partition_of_fp32_groups"]:
-        group.fill_(float("nan"))
+        group.detach().fill_(float("nan"))
     torch.save(state, path)
 
 
@@ -137,10 +138,12 @@ def test_full_disk_is_one_line_and_loses_nothing(reference, prepared_data, tmp_p
     disk, ledger_disk, out = tmp_path / "disk", tmp_path / "ledger_disk", tmp_path / "out"
     for d in (disk, ledger_disk, out):
         d.mkdir()
-    config = write_config(disk, prepared_data, NAME, "block", 2, checkpoint_interval=10, keep_checkpoints=2,
-                          tensorboard=False, ledger=str(ledger_disk / "ledger.jsonl"))
-    shutil.move(str(config), tmp_path / "faults.yaml")
+    cfg = yaml.safe_load(write_config(disk, prepared_data, NAME, "block", 2, checkpoint_interval=10,
+                                      keep_checkpoints=2, tensorboard=False).read_text())
+    cfg["train"]["ledger"] = str(ledger_disk / "ledger.jsonl")
     config = tmp_path / "faults.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    (disk / "faults.yaml").unlink()
     train = " ".join(train_command(config, 1, "--resume", "auto"))
     script = f"""
 set -u
