@@ -1,0 +1,78 @@
+"""Session fixtures: a small finished block-sparse run (one process) with its ledger row, its HF export, and a
+folder of custom lm-eval tasks on local JSON written here (a multiple-choice task, and broken ones)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
+from train_harness import check_ok, prepare_corpus, run_train, write_config  # noqa: E402
+
+# (question, choices, label): docstring-like prompts, the answer in varying positions
+ITEMS = [
+    ("Return the number of", ["items in the list.", "purple elephants.", "the moon tonight."], 0),
+    ("Raise an exception if the", ["banana is ripe.", "file does not exist.", "sky is green."], 1),
+    ("This module provides functions for", ["cats and dogs.", "sleeping all day.", "working with paths."], 2),
+    ("Close the file and", ["release the lock.", "eat the sandwich.", "paint the wall."], 0),
+    ("The default value is", ["a tall giraffe.", "None.", "singing loudly."], 1),
+    ("Return a new", ["rainbow of fish.", "orange sunset.", "list of strings."], 2),
+    ("If the argument is omitted,", ["the default is used.", "the tree grows.", "the river sleeps."], 0),
+    ("Write the data to the", ["kitchen table.", "output stream.", "happy birthday."], 1),
+]
+TASK = "sdc_mc"
+
+
+def task_yaml(name: str, data_file: Path, output_type: str = "multiple_choice", dataset_path: str = "json") -> str:
+    lines = [f"task: {name}", f"dataset_path: {dataset_path}", "test_split: test", f"output_type: {output_type}",
+             'doc_to_text: "{{question}}"']
+    if dataset_path == "json":
+        lines += ["dataset_kwargs:", "  data_files:", f"    test: {data_file}"]
+    if output_type == "multiple_choice":
+        lines += ["doc_to_choice: choices", "doc_to_target: label",
+                  "metric_list:", "  - metric: acc", "  - metric: acc_norm"]
+    else:
+        lines += ['doc_to_target: "{{choices[label]}}"', "generation_kwargs:", "  until: ['.']",
+                  "metric_list:", "  - metric: exact_match"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def tasks_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval_tasks")
+    items = root / "items.jsonl"
+    items.write_text("".join(json.dumps({"question": q, "choices": c, "label": y}) + "\n" for q, c, y in ITEMS))
+    (root / "first3.jsonl").write_text("\n".join(items.read_text().splitlines()[:3]) + "\n")
+    (root / "broken.jsonl").write_text('{"question": "a", "choices": ["x"\n')
+    folder = root / "tasks"
+    folder.mkdir()
+    for name, data, kind, path in ((TASK, items, "multiple_choice", "json"),
+                                   ("sdc_mc_first3", root / "first3.jsonl", "multiple_choice", "json"),
+                                   ("sdc_broken", root / "broken.jsonl", "multiple_choice", "json"),
+                                   ("sdc_hub", None, "multiple_choice", "some-org/not-downloaded"),
+                                   ("sdc_generate", items, "generate_until", "json")):
+        (folder / f"{name}.yaml").write_text(task_yaml(name, data, kind, path))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path_factory, monkeypatch):
+    """The datasets cache in the test's tmp folder, never the user's (json datasets are cached there too)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory):
+    """A finished single-process block-sparse SET run (ZeRO 2, 25 steps) and its ledger row."""
+    tmp = tmp_path_factory.mktemp("eval_run")
+    data = prepare_corpus(tmp, n_docs=300)
+    run = run_train(tmp, write_config(tmp, data, "ev", "block"), nproc=1)
+    check_ok(run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported(eval_run, tmp_path_factory) -> Path:
+    from sparse_dc.train.export import export
+
+    return Path(export(str(eval_run.dir), str(tmp_path_factory.mktemp("eval_export") / "hf")))
