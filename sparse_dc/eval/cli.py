@@ -54,7 +54,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def log_to(path: str) -> None:
-    """The harness's and our log records in `path`; warnings also on stderr."""
+    """The harness's and our log records in `path`; warnings also on stderr (replacing an earlier call's)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -62,9 +62,13 @@ def log_to(path: str) -> None:
     to_stderr.setLevel(logging.WARNING)
     for name in ("lm_eval", "sparse_dc"):
         logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if getattr(h, "sparse_dc_eval", False)]:
+            logger.removeHandler(old)
+            old.close()
         logger.setLevel(logging.INFO)
-        logger.addHandler(to_file)
-        logger.addHandler(to_stderr)
+        for handler in (to_file, to_stderr):
+            handler.sparse_dc_eval = True
+            logger.addHandler(handler)
 
 
 def table(report: dict) -> str:

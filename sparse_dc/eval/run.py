@@ -151,9 +151,10 @@ def sample_counts(results: dict[str, Any], names: list[str]) -> dict[str, int]:
 
 
 # --- ledger -----------------------------------------------------------------------------------------------
-def join_ledger(cfg: EvalConfig, source: Source, scores: Scores, meta: dict[str, Any]) -> str:
+def join_ledger(cfg: EvalConfig, source: Source, scores: Scores, meta: dict[str, Any], out: str) -> str:
     """Merge the scores into the run's ledger row in place; returns what happened, in a sentence. An explicit
-    --ledger that cannot take them is an error; the run's own ledger missing or lacking the row is a warning."""
+    --ledger that cannot take them is an error; the run's own ledger missing or lacking the row is a warning.
+    Either way the scores are already in the results JSON `out`."""
     from sparse_dc.train.ledger import update_row
 
     if not cfg.update_ledger:
@@ -177,7 +178,7 @@ def join_ledger(cfg: EvalConfig, source: Source, scores: Scores, meta: dict[str,
     try:
         update_row(path, match, change, what=f"row of run {name!r} (config {digest})")
     except SparseDCError as exc:
-        return _skip(cfg, f"{exc}: scores not joined to the ledger (they are in the results JSON)")
+        return _skip(cfg, f"{exc}: scores not joined to the ledger (they are in {out})")
     return f"scores joined to run {name!r} in {path}"
 
 
@@ -220,10 +221,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
               "run": source.record["name"] if source.record else None, "step": step, "tasks": list(cfg.tasks),
               "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "scores": scores, "meta": meta,
               "harness": {k: results.get(k) for k in ("results", "groups", "n-samples", "config", "versions")}}
-    report["ledger"] = join_ledger(cfg, source, scores, meta)
     if cfg.log_samples:
         report["samples"] = results.get("samples")
     out = cfg.out or os.path.join(source.home, "eval", "results.json")
     write_text_atomic(out, json.dumps(report, indent=1, default=str) + "\n")
     report["out"] = out
+    report["ledger"] = join_ledger(cfg, source, scores, meta, out)
     return report
