@@ -16,11 +16,13 @@ import argparse
 import logging
 import os
 
+from sparse_dc.errors import SparseDCError
 from sparse_dc.eval.config import PAPER_TASKS, EvalConfig
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparse-dc eval", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="sparse-dc eval", description="Downstream scores of a run or an export with "
+                                "lm-evaluation-harness, joined to the run's ledger row.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--checkpoint", required=True, help="run folder (or checkpoints/ or step_*) or export folder")
@@ -83,13 +85,21 @@ def table(report: dict) -> str:
 def main(argv: list[str]) -> int:
     cfg = config_from_args(parser().parse_args(argv))
     from sparse_dc.eval.run import evaluate, resolve_source
+    from sparse_dc.train.dist import setup_env, silence_non_main
 
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if rank == 0:
-        home = os.path.dirname(os.path.abspath(cfg.out)) if cfg.out else os.path.join(
-            resolve_source(cfg.checkpoint).home, "eval")
-        log_to(os.path.join(home, "eval.log"))
-    report = evaluate(cfg)
+    denv = setup_env(dict(os.environ))  # read only: the harness model joins the process group
+    try:
+        if denv.is_main:
+            home = os.path.dirname(os.path.abspath(cfg.out)) if cfg.out else os.path.join(
+                resolve_source(cfg.checkpoint).home, "eval")
+            log_to(os.path.join(home, "eval.log"))
+        else:
+            silence_non_main(denv)
+        report = evaluate(cfg)
+    except SparseDCError:
+        if not denv.is_main:  # every rank hits the same error: rank 0 reports it
+            os._exit(2)
+        raise
     import torch.distributed as dist
 
     if dist.is_initialized():

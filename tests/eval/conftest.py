@@ -1,5 +1,5 @@
 """Session fixtures: a small finished block-sparse run (one process) with its ledger row, its HF export, and a
-folder of custom lm-eval tasks on local JSON written here (a multiple-choice task, and broken ones)."""
+folder of custom lm-eval tasks on local JSON written here (multiple-choice tasks, a group, broken ones)."""
 import json
 import sys
 from pathlib import Path
@@ -23,11 +23,9 @@ ITEMS = [
 TASK = "sdc_mc"
 
 
-def task_yaml(name: str, data_file: Path, output_type: str = "multiple_choice", dataset_path: str = "json") -> str:
-    lines = [f"task: {name}", f"dataset_path: {dataset_path}", "test_split: test", f"output_type: {output_type}",
-             'doc_to_text: "{{question}}"']
-    if dataset_path == "json":
-        lines += ["dataset_kwargs:", "  data_files:", f"    test: {data_file}"]
+def task_yaml(name: str, data_file: Path, output_type: str = "multiple_choice") -> str:
+    lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {data_file}",
+             "test_split: test", f"output_type: {output_type}", 'doc_to_text: "{{question}}"']
     if output_type == "multiple_choice":
         lines += ["doc_to_choice: choices", "doc_to_target: label",
                   "metric_list:", "  - metric: acc", "  - metric: acc_norm"]
@@ -42,16 +40,21 @@ def tasks_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval_tasks")
     items = root / "items.jsonl"
     items.write_text("".join(json.dumps({"question": q, "choices": c, "label": y}) + "\n" for q, c, y in ITEMS))
-    (root / "first3.jsonl").write_text("\n".join(items.read_text().splitlines()[:3]) + "\n")
+    lines = items.read_text().splitlines(keepends=True)
+    (root / "first3.jsonl").write_text("".join(lines[:3]))
+    (root / "last5.jsonl").write_text("".join(lines[3:]))
     (root / "broken.jsonl").write_text('{"question": "a", "choices": ["x"\n')
     folder = root / "tasks"
     folder.mkdir()
-    for name, data, kind, path in ((TASK, items, "multiple_choice", "json"),
-                                   ("sdc_mc_first3", root / "first3.jsonl", "multiple_choice", "json"),
-                                   ("sdc_broken", root / "broken.jsonl", "multiple_choice", "json"),
-                                   ("sdc_hub", None, "multiple_choice", "some-org/not-downloaded"),
-                                   ("sdc_generate", items, "generate_until", "json")):
-        (folder / f"{name}.yaml").write_text(task_yaml(name, data, kind, path))
+    for name, data, kind in ((TASK, items, "multiple_choice"),
+                             ("sdc_mc_first3", root / "first3.jsonl", "multiple_choice"),
+                             ("sdc_mc_last5", root / "last5.jsonl", "multiple_choice"),
+                             ("sdc_broken", root / "broken.jsonl", "multiple_choice"),
+                             ("sdc_generate", items, "generate_until")):
+        (folder / f"{name}.yaml").write_text(task_yaml(name, data, kind))
+    # a group of two tasks that together hold TASK's items: its size-weighted accuracy is TASK's
+    (folder / "sdc_group.yaml").write_text("group: sdc_group\ntask: [sdc_mc_first3, sdc_mc_last5]\n"
+                                           "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
     return folder
 
 

@@ -31,15 +31,17 @@ def test_scores_join_the_ledger_row_in_place(eval_run, tasks_dir, tmp_path, caps
     assert code == 0, io.err[-2000:]
     assert f"scores joined to run 'ev' in {ledger}" in io.out and f"{TASK:<24} acc " in io.out
     first = json.loads(out.read_text())["scores"]
-    # again, with one more task: the row is updated in place, the first task's scores replaced by equal ones
-    code, io = eval_cli(capsys, "--checkpoint", eval_run.dir, "--tasks", f"{TASK},sdc_mc_first3",
+    # again, with a group: the row is updated in place, the first task's scores replaced by equal ones, and the
+    # group kept as its aggregate (not its member tasks)
+    code, io = eval_cli(capsys, "--checkpoint", eval_run.dir, "--tasks", f"{TASK},sdc_group",
                         "--include-path", tasks_dir, "--out", tmp_path / "b.json")
     assert code == 0, io.err[-2000:]
     after = read_ledger(str(ledger))
     assert len(after) == len(before) == 1
     row = after[0]
-    assert row["downstream"][TASK] == first[TASK] and set(row["downstream"]) == {TASK, "sdc_mc_first3"}
-    assert row["downstream_meta"][TASK]["n"] == len(ITEMS) and row["downstream_meta"]["sdc_mc_first3"]["n"] == 3
+    assert row["downstream"][TASK] == first[TASK] and set(row["downstream"]) == {TASK, "sdc_group"}
+    assert row["downstream"]["sdc_group"]["acc"]["value"] == pytest.approx(first[TASK]["acc"]["value"])
+    assert row["downstream_meta"][TASK]["n"] == row["downstream_meta"]["sdc_group"]["n"] == len(ITEMS)
     assert row["downstream_meta"][TASK]["model"] == "native" and row["downstream_meta"][TASK]["step"] == row["steps"]
     assert {k: v for k, v in row.items() if not k.startswith("downstream")} == before[0]
 
@@ -77,8 +79,8 @@ def test_bad_input_is_one_error_line(case, eval_run, tasks_dir, tmp_path, capsys
                                                  "mean sdc_mc"),
         "unreadable data": (["--tasks", "sdc_broken"], "task sdc_broken: its data could not be read "
                                                        "(DatasetGenerationError"),
-        "data not here": (["--tasks", "sdc_hub"], "task sdc_hub: its data is not on this machine and sparse-dc "
-                                                  "eval does not download"),
+        "data not here": (["--tasks", "boolq"], "task boolq: its data is not on this machine and sparse-dc eval "
+                                                "does not download"),  # one of the paper's tasks, offline
         "not a run": (["--checkpoint", tmp_path], "expected a run folder (or its checkpoints/ or a step_* folder)"),
         "generative": (["--tasks", "sdc_generate"], "--tasks sdc_generate: these generate text"),
         "ledger without the run": (["--ledger", tmp_path / "ledger.jsonl"], "has no row of run 'ev'"),
