@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ITEMS, TASK
+from eval_tasks import ITEMS, TASK
 from sparse_dc.cli import main as sparse_dc_main
 from sparse_dc.eval.config import EvalConfig
 from sparse_dc.eval.run import evaluate
@@ -22,7 +22,7 @@ def eval_cli(capsys, *args):
     return code, capsys.readouterr()
 
 
-def test_scores_join_the_ledger_row_in_place(eval_run, tasks_dir, tmp_path, capsys):
+def test_scores_join_the_ledger_row_in_place(eval_run, exported, tasks_dir, tmp_path, capsys):
     ledger = eval_run.dir.parent.parent / "ledger.jsonl"  # the run's own train.ledger
     before = read_ledger(str(ledger))
     out = tmp_path / "a.json"
@@ -31,9 +31,10 @@ def test_scores_join_the_ledger_row_in_place(eval_run, tasks_dir, tmp_path, caps
     assert code == 0, io.err[-2000:]
     assert f"scores joined to run 'ev' in {ledger}" in io.out and f"{TASK:<24} acc " in io.out
     first = json.loads(out.read_text())["scores"]
-    # again, with a group: the row is updated in place, the first task's scores replaced by equal ones, and the
-    # group kept as its aggregate (not its member tasks)
-    code, io = eval_cli(capsys, "--checkpoint", eval_run.dir, "--tasks", f"{TASK},sdc_group",
+    assert json.loads(out.read_text())["model"] == "native"
+    # again, on the run's export (which names its run) and with a group: the row is updated in place, the first
+    # task's scores replaced by equal ones, and the group kept as its aggregate (not its member tasks)
+    code, io = eval_cli(capsys, "--checkpoint", exported, "--tasks", f"{TASK},sdc_group",
                         "--include-path", tasks_dir, "--out", tmp_path / "b.json")
     assert code == 0, io.err[-2000:]
     after = read_ledger(str(ledger))
@@ -42,7 +43,7 @@ def test_scores_join_the_ledger_row_in_place(eval_run, tasks_dir, tmp_path, caps
     assert row["downstream"][TASK] == first[TASK] and set(row["downstream"]) == {TASK, "sdc_group"}
     assert row["downstream"]["sdc_group"]["acc"]["value"] == pytest.approx(first[TASK]["acc"]["value"])
     assert row["downstream_meta"][TASK]["n"] == row["downstream_meta"]["sdc_group"]["n"] == len(ITEMS)
-    assert row["downstream_meta"][TASK]["model"] == "native" and row["downstream_meta"][TASK]["step"] == row["steps"]
+    assert row["downstream_meta"][TASK]["model"] == "hf" and row["downstream_meta"][TASK]["step"] == row["steps"]
     assert {k: v for k, v in row.items() if not k.startswith("downstream")} == before[0]
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ITEMS, TASK
+from eval_tasks import ITEMS, TASK
 from sparse_dc.data.tokenizer import load_tokenizer_bytes, processor_from_bytes
 from sparse_dc.eval.config import EvalConfig
 from sparse_dc.eval.run import evaluate, hf_model
@@ -80,9 +80,10 @@ def test_native_accuracy_equals_hand_computed_loglikelihoods(native_report, refe
     assert native_report["meta"][TASK]["n"] == n and native_report["ranks"] == 1
 
 
-def test_hf_export_and_native_paths_agree(native_report, exported, tasks_dir, tmp_path):
-    hf = evaluate(EvalConfig(checkpoint=str(exported), tasks=[TASK], include_path=str(tasks_dir), batch_size=3,
-                             log_samples=True, update_ledger=False, out=str(tmp_path / "hf.json")))
+def test_hf_export_and_native_paths_agree(native_report, eval_run, tasks_dir, tmp_path):
+    """--model hf on a run: exported to a temporary folder, scored by the harness's own HF model."""
+    hf = evaluate(EvalConfig(checkpoint=str(eval_run.dir), model="hf", tasks=[TASK], include_path=str(tasks_dir),
+                             batch_size=3, log_samples=True, update_ledger=False, out=str(tmp_path / "hf.json")))
     assert hf["model"] == "hf" and native_report["model"] == "native"
     assert hf["scores"] == native_report["scores"]
     np.testing.assert_allclose(sample_loglikelihoods(hf), sample_loglikelihoods(native_report), rtol=1e-5,
