@@ -91,12 +91,17 @@ def test_hf_export_and_native_paths_agree(native_report, eval_run, tasks_dir, tm
 
 
 def test_rolling_loglikelihood_matches_by_hand_and_hf(eval_run, exported, reference):
-    from sparse_dc.eval.native import SparseDCLM
+    """The native model built from the registry, as simple_evaluate(model="sparse-dc", model_args=...) does."""
+    from lm_eval.api.registry import get_model
+
+    from sparse_dc.eval.native import MODEL_NAME, SparseDCLM
 
     model, sp = reference
     text = "Return the number of items in the list. Raise an exception if the file does not exist."
     expected = continuation_logprob(model, [sp.eos_id()], sp.encode(text))  # scored after an EOS, as trained
-    native = SparseDCLM(checkpoint=str(eval_run.dir), batch_size=2)
+    assert get_model(MODEL_NAME) is SparseDCLM
+    native = SparseDCLM.create_from_arg_string(f"checkpoint={eval_run.dir}",
+                                               {"batch_size": 2, "max_batch_size": 64, "device": None})
     hf = hf_model(str(exported), EvalConfig(checkpoint=str(exported), batch_size=2, device="cpu"))
     (got,) = native.loglikelihood_rolling([Request(text)], disable_tqdm=True)
     (via_hf,) = hf.loglikelihood_rolling([Request(text)], disable_tqdm=True)
