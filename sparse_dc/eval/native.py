@@ -67,6 +67,9 @@ class SparseDCLM(TemplateLM):
 
         if dtype not in _DTYPES:
             raise SparseDCError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")
+        if not str(batch_size or 1).isdigit() or int(batch_size or 1) < 1:
+            raise SparseDCError(f"batch_size={batch_size!r}: expected an integer >= 1 (no 'auto' here)")
+        self.batch_size = int(batch_size or 1)
         root, tag = resolve_checkpoint(checkpoint)
         cfg = run_config(root, tag)
         path = find_tokenizer(cfg, tokenizer)
@@ -76,9 +79,6 @@ class SparseDCLM(TemplateLM):
         self.sp = processor_from_bytes(load_tokenizer_bytes(path), name=path)
         self._rank, self._world_size, self._device = join_process_group(device)
         self.model = load_model(root, tag).to(device=self._device, dtype=_DTYPES[dtype])
-        if not str(batch_size or 1).isdigit():
-            raise SparseDCError(f"batch_size={batch_size!r}: expected a positive integer (no 'auto' here)")
-        self.batch_size = int(batch_size or 1)
         self.max_length = self.model.cfg.max_seq_len
         self.info = {"checkpoint": os.path.join(root, tag), "run": cfg.name, "dtype": dtype}
 

@@ -32,6 +32,7 @@ def test_scores_join_the_ledger_row_in_place(eval_run, exported, tasks_dir, tmp_
     assert f"scores joined to run 'ev' in {ledger}" in io.out and f"{TASK:<24} acc " in io.out
     first = json.loads(out.read_text())["scores"]
     assert json.loads(out.read_text())["model"] == "native"
+    assert "Building contexts for sdc_mc" in (tmp_path / "eval.log").read_text()  # the harness's log, beside --out
     # again, on the run's export (which names its run) and with a group: the row is updated in place, the first
     # task's scores replaced by equal ones, and the group kept as its aggregate (not its member tasks)
     code, io = eval_cli(capsys, "--checkpoint", exported, "--tasks", f"{TASK},sdc_group",
