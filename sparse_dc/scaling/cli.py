@@ -207,13 +207,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_downstream(args: argparse.Namespace) -> int:
     from sparse_dc.scaling.plots import downstream_points, downstream_vs_loss
 
     read_runs(args.ledger)  # one-line errors for a missing or malformed ledger
-    with open(args.ledger, encoding="utf-8") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()] if not args.ledger.endswith(".csv") else []
+    rows = []
+    if not args.ledger.lower().endswith(".csv"):  # scores are nested fields: JSONL ledgers only
+        with open(args.ledger, encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
     points = downstream_points(rows, args.metric, args.loss)
     if not points:
         raise SparseDCError(f"{args.ledger}: no run has downstream {args.metric} scores with {args.loss}; expected "
