@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sparse_dc.train.cli", "train a sparse Llama with DeepSpeed ZeRO"),
     "export": ("sparse_dc.train.checkpoint_cli:export_main",
                "consolidate a ZeRO checkpoint into a Hugging Face Llama folder"),
+    "eval": ("sparse_dc.eval.cli", "downstream scores with lm-evaluation-harness, joined to the run's ledger row"),
     "reshard": ("sparse_dc.train.checkpoint_cli:reshard_main",
                 "convert a ZeRO checkpoint ahead of a resume on another world size"),
     "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),

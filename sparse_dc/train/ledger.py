@@ -6,26 +6,22 @@ same over live parameters), `density`, `unique_tokens`, `tokens`, `val_loss`. Th
 (`*_params_total`, embedding included) and non-embedding counts, `epochs` (R = D / U), block size, DST method,
 throughput, wall time, config hash, git commit.
 
-Every writer holds an exclusive `flock` on the sidecar `<ledger>.lock` (a file that is never replaced, so the lock
-outlives rewrites of the ledger itself):
-- `record_run` appends a finished run's row unless a row with its `run_id` is already there (idempotent: a run
-  that is resumed after it finished, or re-records after a crash, ends with exactly one row); the append is one
-  `write()` of a whole line on an O_APPEND descriptor, so concurrent runs never interleave or tear lines;
-- `update_rows` merges fields into existing rows (e.g. downstream evaluation results) by writing the whole ledger
-  to a temporary file and renaming it over the old one, so a reader sees the old or the new ledger, never a mix,
-  and no append made meanwhile is lost (appends wait for the lock).
-Readers take no lock: every state of the file they can see is whole.
+Appends are one `write()` of a whole line on an O_APPEND descriptor under an exclusive `flock`, so concurrent runs
+sharing a ledger (an array job on one filesystem) never interleave or tear lines. `record_run` appends a finished
+run's row only if no row with its `run_id` is there yet, under the same lock (idempotent: a run resumed after it
+finished, or recording again after a crash, ends with exactly one row). `update_row` changes one row in place
+(downstream scores joining a finished run's row) by writing the whole ledger to a temporary file that replaces it,
+under the same lock. Readers take no lock: every state of the file they can see is whole.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from sparse_dc.errors import SparseDCError, reporting_disk_full
 from sparse_dc.jsonl import json_objects
@@ -43,16 +39,27 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-@contextmanager
-def locked(path: str) -> Iterator[None]:
-    """Exclusive lock of the ledger at `path` for writers (blocks while another writer holds it)."""
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[int]:
+    """An O_APPEND descriptor on the ledger holding its exclusive flock. `update_row` replaces the file by a rename,
+    so a writer that waited for the lock re-opens when `path` now names another file (its line would otherwise go
+    to the replaced, unlinked one)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    try:
+        yield fd
     finally:
-        os.close(fd)  # releases the lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _check_row(row: dict[str, Any]) -> None:
@@ -61,76 +68,87 @@ def _check_row(row: dict[str, Any]) -> None:
         raise SparseDCError(f"ledger row lacks {', '.join(missing)}: expected all of {', '.join(SHARED_FIELDS)}")
 
 
-def _append_unlocked(path: str, row: dict[str, Any]) -> None:
+def _write_line(fd: int, path: str, row: dict[str, Any]) -> None:
+    """One whole line on the locked O_APPEND descriptor; a full disk is a one-line DiskFull, no half line left."""
     data = (json.dumps(row, allow_nan=True) + "\n").encode("utf-8")
     with reporting_disk_full(path, f"the row of run {row['name']!r} was not written"):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            written = os.write(fd, data)
-            if written != len(data):  # a full disk can also cut a write short: take the partial line back
-                os.ftruncate(fd, os.fstat(fd).st_size - written)
-                raise OSError(28, f"short write to the ledger {path}: {written} of {len(data)} bytes")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        written = os.write(fd, data)
+        if written != len(data):  # a full disk can also cut a write short: take the partial line back
+            os.ftruncate(fd, os.fstat(fd).st_size - written)
+            raise OSError(28, f"short write to the ledger {path}: {written} of {len(data)} bytes")
+        os.fsync(fd)
 
 
 def append_row(path: str, row: dict[str, Any]) -> None:
     """Append `row` as one JSON line to the ledger at `path` (created with its folder if missing)."""
     _check_row(row)
-    with locked(path):
-        _append_unlocked(path, row)
+    with _locked(path) as fd:
+        _write_line(fd, path, row)
 
 
 def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two rows record the same run: the same `run_id`, or the same name when either lacks one."""
+    """Whether two rows record the same run: the same `run_id`, or the same name when either lacks one (a row
+    from before run ids)."""
     if a.get("run_id") and b.get("run_id"):
         return a["run_id"] == b["run_id"]
     return a.get("name") == b.get("name")
 
 
 def record_run(path: str, row: dict[str, Any]) -> bool:
-    """Append the row of a finished run unless the ledger already holds it (`same_run`); returns whether it
-    was appended. Safe to call again after a crash: a run ends with exactly one row."""
+    """Append the row of a finished run unless the ledger already holds it (`same_run`); returns whether it was
+    appended. Safe to call again after a crash or on a resume of a finished run: a run ends with exactly one row."""
     _check_row(row)
-    with locked(path):
-        if os.path.exists(path) and any(same_run(old, row) for old in read_ledger(path)):
+    with _locked(path) as fd:
+        if any(same_run(old, row) for old in read_ledger(path)):
             return False
-        _append_unlocked(path, row)
+        _write_line(fd, path, row)
         return True
 
 
-def update_rows(path: str, match: Callable[[dict[str, Any]], bool], fields: dict[str, Any]) -> int:
-    """Merge `fields` into every row for which `match(row)` holds, in place (atomic rewrite under the writers'
-    lock); returns how many rows changed. E.g. `update_rows(p, lambda r: r["name"] == "x", {"downstream": {...}})`.
-    """
-    from sparse_dc.config.base import write_text_atomic
-
-    with locked(path):
-        rows = read_ledger(path)
-        hits = [row for row in rows if match(row)]
-        for row in hits:
-            row.update(fields)
-        if hits:
-            with reporting_disk_full(path, "the ledger was left unchanged"):
-                write_text_atomic(path, "".join(json.dumps(row, allow_nan=True) + "\n" for row in rows))
-        return len(hits)
+def update_row(path: str, match: Callable[[dict[str, Any]], bool],
+               change: Callable[[dict[str, Any]], dict[str, Any]], what: str = "matching row") -> dict[str, Any]:
+    """Replace the last row for which `match(row)` holds by `change(row)` and return the new row. The ledger is
+    rewritten to a temporary file (every other line byte for byte) that is renamed over it, under the append lock:
+    a reader sees the old or the new ledger, a concurrent append is neither lost nor torn, and a crash leaves the
+    old ledger. SparseDCError when the ledger is missing or no row matches (`what` names the row sought)."""
+    if not os.path.isfile(path):
+        raise SparseDCError(f"ledger {path} does not exist")
+    with _locked(path):
+        rows = {lineno - 1: row for lineno, row in json_objects(path)}  # checked: one-line errors
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+        hits = [i for i, row in rows.items() if match(row)]
+        if not hits:
+            raise SparseDCError(f"ledger {path} has no {what}")
+        new = change(rows[hits[-1]])
+        lines[hits[-1]] = json.dumps(new, allow_nan=True) + "\n"
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with reporting_disk_full(path, "the ledger was left unchanged"), open(tmp, "w", encoding="utf-8") as fh:
+                fh.writelines(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+    return new
 
 
 def read_ledger(path: str) -> list[dict[str, Any]]:
-    """All rows of a ledger file, in order; a line that is not a JSON object is a one-line error naming it."""
+    """All rows of a ledger file, in order (none if it does not exist yet); a line that is not a JSON object, or
+    a file that is not UTF-8, is a one-line error naming it."""
+    if not os.path.exists(path):
+        return []
     return [row for _, row in json_objects(path)]
 
 
 def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens_per_s: float, wall_time_s: float,
-             steps: int, world_size: int, run_id: str | None = None) -> dict[str, Any]:
-    """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan; `run_id`:
-    the identity `record_run` keeps rows unique by (None for a run from before run ids: its name is used)."""
-    from sparse_dc.model.build import achieved_density
-
+             steps: int, world_size: int) -> dict[str, Any]:
+    """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan."""
     return {
         "name": cfg.name,
-        "run_id": run_id,
         "dense_params": counts.law_dense,
         "active_params": counts.law_active,
         "density": cfg.sparsity.density,
@@ -142,7 +160,6 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "dense_params_non_embedding": counts.dense_non_embedding,
         "active_params_non_embedding": counts.active_non_embedding,
         "density_measured": counts.density,
-        "density_achieved": achieved_density(cfg.model, cfg.sparsity),  # live fraction of the sparse layers
         "epochs": plan.total_tokens / plan.unique_tokens,
         "seq_len": plan.seq_len,
         "block_size": cfg.sparsity.block_size,

@@ -68,14 +68,15 @@ def _record_many(path: str, worker: int) -> None:
 
 
 def _update_many(path: str, worker: int) -> None:
-    from sparse_dc.train.ledger import update_rows
+    from sparse_dc.train.ledger import update_row
 
     for i in range(worker, 40, 2):
-        assert update_rows(path, lambda r, i=i: r["name"] == f"old-{i}", {"downstream": {"score": i}}) == 1
+        update_row(path, lambda r, i=i: r["name"] == f"old-{i}", lambda r, i=i: {**r, "downstream": {"score": i}})
 
 
-def test_ledger_rows_update_in_place_while_runs_append(tmp_path):
-    """update_rows rewrites the ledger (temp + rename) under the writers' lock: no concurrent append is lost."""
+def test_runs_record_their_rows_once_while_rows_update_in_place(tmp_path):
+    """record_run reads and appends under the lock update_row rewrites the ledger under: no row is lost or
+    doubled."""
     from sparse_dc.train.ledger import record_run
 
     path = str(tmp_path / "ledger.jsonl")
