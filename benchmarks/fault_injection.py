@@ -295,7 +295,8 @@ def launch_errors(b: Bench, trials: int) -> None:
     config = b.config(folder, "e")
     message = "prepared data directory '/nonexistent/data' does not exist"
     launchers = {"torchrun": lambda: b.run(config, 2, "data.dir=/nonexistent/data"),
-                 "srun-style (SLURM_* variables, no launcher)": lambda: b.srun_like(config, "data.dir=/nonexistent/data"),
+                 "srun-style (SLURM_* variables, no launcher)":
+                     lambda: b.srun_like(config, "data.dir=/nonexistent/data"),
                  "deepspeed --num_gpus 2": lambda: subprocess.run(
                      ["deepspeed", "--num_gpus", "2", "--module", "sparse_dc.train.cli", "--config", str(config),
                       "data.dir=/nonexistent/data"], env=b.env, capture_output=True, text=True, timeout=900)}

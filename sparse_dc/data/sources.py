@@ -75,7 +75,8 @@ def _row_text(value: Any, text_field: str, skipped: Counter | None) -> str | Non
         return value
     if skipped is not None:
         kind = "null" if value is None else type(value).__name__
-        skipped[f"{text_field!r} is blank" if isinstance(value, str) else f"{text_field!r} is {kind}, not a string"] += 1
+        why = "blank" if isinstance(value, str) else f"{kind}, not a string"
+        skipped[f"{text_field!r} is {why}"] += 1
     return None
 
 

@@ -160,9 +160,9 @@ def law_prediction() -> str:
     best, best_loss = loss_optimal_density(form, params, n, u, d)
     lines.append(f"  loss-optimal density at this size and budget: {best:.3f} (predicted {best_loss:.4f})")
     once, often = (loss_optimal_density(form, params, n, u, u * r)[0] for r in (1, 16))
-    lines.append(f"  density is the live fraction (sparsity = 1 - density), so {best:.3f} is {1 - best:.0%} sparse. The "
-                 "paper's \"moderate (~50%) sparsity\" is where its data-starved runs sit: the optimum moves toward "
-                 f"sparser models as data repeats (here {once:.3f} at 1 epoch, {often:.3f} at 16).")
+    lines.append(f"  density is the live fraction (sparsity = 1 - density), so {best:.3f} is {1 - best:.0%} sparse. "
+                 "The paper's \"moderate (~50%) sparsity\" is where its data-starved runs sit: the optimum moves "
+                 f"toward sparser models as data repeats (here {once:.3f} at 1 epoch, {often:.3f} at 16).")
     cfg = paper_preset(size, 0.5)
     lines.append(f"  train it: sparse-dc train --config launch/configs/{cfg['name']}.yaml data.dir=<your data> "
                  f"data.unique_tokens={int(u)} data.epochs={epochs:g}")

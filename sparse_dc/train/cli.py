@@ -103,20 +103,23 @@ def lock_run_dir(run_dir: str, is_main: bool, world_size: int) -> None:
     if another process holds it."""
     from sparse_dc.train.runguard import RunLock
 
-    verdict: list[str | None] = [None]
+    verdict: list[tuple[str, str] | None] = [None]
     if is_main:
         try:  # the lock's descriptor stays open (the lock held) until this process exits
             warning = RunLock(run_dir).acquire()
             if warning:
                 print(warning, file=sys.stderr, flush=True)
         except RunBusy as exc:
-            verdict = [str(exc)]
+            verdict = [("busy", str(exc))]
+        except OSError as exc:  # e.g. the output folder cannot be created
+            verdict = [("error", f"cannot lock the run directory {run_dir}: {exc.strerror or exc}")]
     if world_size > 1:
         import torch.distributed as dist
 
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0]:
-        raise RunBusy(verdict[0])
+        kind, message = verdict[0]
+        raise RunBusy(message) if kind == "busy" else SparseDCError(message)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ Not covered: tensor/pipeline parallelism (the trainer uses neither), NVMe/CPU op
 checkpoint storage (every rank must see rank 0's conversion), and changing the ZeRO stage across the resume
 (refused by the fingerprint check). The other ranks wait in a collective while rank 0 converts: a conversion
 longer than the process group's timeout (NCCL watchdog) would abort the resume (the temp folder is discarded, the
-checkpoint untouched): convert big models beforehand with `sparse-dc reshard` (checkpoint_cli.py), which the resume reuses.
+checkpoint untouched): convert big models beforehand with `sparse-dc reshard` (checkpoint_cli.py), which the resume
+reuses.
 """
 from __future__ import annotations
 

@@ -222,7 +222,8 @@ def _fake_slurm(bin_dir: Path, log: Path) -> None:
     scontrol that logs requeues: what train.sbatch calls."""
     bin_dir.mkdir()
     torchrun = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 -m sparse_dc.train.cli"
-    (bin_dir / "srun").write_text(f'#!/bin/bash\nshift 3\nexec {torchrun} "$@"\n')  # drops the flag and "sparse-dc train"
+    # srun --kill-on-bad-exit=1 sparse-dc train ARGS -> torchrun ... ARGS
+    (bin_dir / "srun").write_text(f'#!/bin/bash\nshift 3\nexec {torchrun} "$@"\n')
     (bin_dir / "scontrol").write_text(f'#!/bin/bash\nif [ "$1" = show ]; then echo localhost; '
                                       f'else echo "$@" >> {log}; fi\n')
     for name in ("srun", "scontrol"):

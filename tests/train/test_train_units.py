@@ -143,8 +143,8 @@ def test_resume_picks_the_newest_intact_checkpoint(tmp_path, capsys):
     assert tag_problem(str(ckpts / "step_00000020")) == "rng_rank0.pt is missing"
     assert checkpointer.newest_intact() == (10, "step_00000010")
     assert checkpointer.last_intact == (10, "checksums verified at resume")
-    assert capsys.readouterr().err.strip() == ("checkpoint step_00000020 is damaged (rng_rank0.pt is missing): resuming "
-                                               "from step_00000010 instead (kept as step_00000020.corrupt)")
+    assert capsys.readouterr().err.strip() == ("checkpoint step_00000020 is damaged (rng_rank0.pt is missing): "
+                                               "resuming from step_00000010 instead (kept as step_00000020.corrupt)")
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000010", "step_00000020.corrupt",
                                                         "step_00000030.corrupt"]
     (ckpts / "step_00000010" / MARKER).write_text("{")
