@@ -145,10 +145,14 @@ def read_ledger(path: str) -> list[dict[str, Any]]:
 
 
 def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens_per_s: float, wall_time_s: float,
-             steps: int, world_size: int) -> dict[str, Any]:
-    """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan."""
+             steps: int, world_size: int, run_id: str | None = None) -> dict[str, Any]:
+    """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan; `run_id`:
+    the identity `record_run` keeps rows unique by (None for a run from before run ids: its name is used)."""
+    from sparse_dc.model.build import achieved_density
+
     return {
         "name": cfg.name,
+        "run_id": run_id,
         "dense_params": counts.law_dense,
         "active_params": counts.law_active,
         "density": cfg.sparsity.density,
@@ -160,6 +164,7 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "dense_params_non_embedding": counts.dense_non_embedding,
         "active_params_non_embedding": counts.active_non_embedding,
         "density_measured": counts.density,
+        "density_achieved": achieved_density(cfg.model, cfg.sparsity),  # live fraction of the sparse layers
         "epochs": plan.total_tokens / plan.unique_tokens,
         "seq_len": plan.seq_len,
         "block_size": cfg.sparsity.block_size,
