@@ -119,13 +119,16 @@ def prepare_data(root: Path) -> Path:
 
 # --- the faults -------------------------------------------------------------------------------------------------
 def kills(b: Bench, reference: dict, trials: int, rng: random.Random) -> None:
-    """kill -9 of torchrun's process group at a random moment, then --resume auto (repeated until it finishes)."""
+    """kill -9 of torchrun's process group at a random moment of the training loop (whose length the reference
+    run measured), then --resume auto (repeated until it finishes)."""
     started, ok, mid_save, orphans = time.time(), 0, 0, 0
     for t in range(trials):
         folder = b.root / f"kill{t}"
         config = b.config(folder, "k")
         proc = b.start(config)
-        time.sleep(rng.uniform(4.0, 16.0))  # start-up takes ~4 s; the run ~10 s more
+        while b.step_of(folder / "runs" / "k") < 1 and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, reference["wall_time_s"]))
         ranks = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -239,7 +242,7 @@ rm {ledger_disk}/filler
 cp {ledger_disk}/ledger.jsonl {folder}/ledger.jsonl
 """
     subprocess.run(["unshare", "-rm", "bash", "-c", script], env=b.env, capture_output=True, timeout=900)
-    last = {i: (folder / f"{i}.err").read_text().strip().splitlines()[-1:] for i in (1, 2)}
+    last = {i: ((folder / f"{i}.err").read_text().strip().splitlines() or [""])[-1:] for i in (1, 2)}
     rcs = [(folder / f"{i}.rc").read_text().strip() for i in (1, 2, 3)]
     rows = b.rows_of(folder)
     good = (rcs == ["2", "2", "0"] and "no space left on" in last[1][0] and "no space left on" in last[2][0]

@@ -106,7 +106,7 @@ def summary_header(rows: list[dict[str, Any]], data_dir: str, config: str, nproc
         f"sparse-dc quickstart, {time.strftime('%Y-%m-%d %H:%M')}: {len(rows)} runs of the {first['model_preset']} "
         f"Llama preset (dense and block-sparse), {nproc} DeepSpeed ZeRO-{first['zero_stage']} rank(s) each",
         f"data: {data_dir} (built-in corpus); U = {first['unique_tokens']:,} unique tokens x {first['epochs']:g} "
-        f"epochs = {first['tokens']:,} training tokens per run; config {config}", ""])
+        f"epochs = {first['tokens']:,} training tokens per run; config {config}"])
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
