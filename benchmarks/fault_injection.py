@@ -36,6 +36,7 @@ BASE = {  # 4096 unique tokens, 25 steps of 16 sequences of 32 tokens (the tests
               "schedule": {"warmup_steps": 3}, "log_interval": 1, "eval_interval": 10, "checkpoint_interval": 4,
               "keep_checkpoints": 2, "progress": False, "tensorboard": False},
 }
+FAULTS = ("kills", "window", "corrupt", "disk", "writers", "sigterm", "errors")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "sparse_dc.train.cli"]
 
@@ -266,7 +267,7 @@ def writers(b: Bench) -> None:
     rows = b.rows_of(folder)
     names = sorted(r["name"] for r in rows)
     trained = {}
-    for run_dir in (folder / "runs").iterdir():
+    for run_dir in (p for p in (folder / "runs").iterdir() if (p / "metrics.jsonl").exists()):
         steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
                  if '"kind": "train"' in x]
         trained[run_dir.name] = len(steps) == len(set(steps))  # no step logged twice: trained once
@@ -280,6 +281,9 @@ def writers(b: Bench) -> None:
     started = time.time()
     folder = b.root / "second"
     config = b.config(folder, "s", checkpoint_interval=0)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["epochs"] = 30  # 240 steps: still training when the second launch has started
+    config.write_text(yaml.safe_dump(cfg))
     first = b.start(config, 2)
     while b.step_of(folder / "runs" / "s") < 3 and first.poll() is None:
         time.sleep(0.2)
@@ -394,6 +398,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 kills, 2 launch errors per launcher")
     p.add_argument("--out", default="benchmarks/results/fault_injection")
+    p.add_argument("--only", default=",".join(FAULTS), help=f"comma-separated subset of {', '.join(FAULTS)}")
     args = p.parse_args(argv)
     if args.quick:
         args.kills, args.launch_errors = 2, 4
@@ -411,13 +416,18 @@ def main(argv: list[str]) -> int:
         reference1 = b.rows_of(root / "ref1")[0]
         cost = integrity_cost(b, root / "ref1")
         print("faults", flush=True)
-        kills(b, reference2, args.kills, rng)
-        row_window(b, root / "ref1", reference1)
-        corruptions(b, root / "ref1", reference1)
-        disk_full(b, reference1)
-        writers(b)
-        sigterm(b, reference2)  # its sweep sets data.seed=7, BASE's value: the same run as the 2-rank reference
-        launch_errors(b, args.launch_errors)
+        chosen = args.only.split(",")
+        steps = {"kills": lambda: kills(b, reference2, args.kills, rng),
+                 "window": lambda: row_window(b, root / "ref1", reference1),
+                 "corrupt": lambda: corruptions(b, root / "ref1", reference1),
+                 "disk": lambda: disk_full(b, reference1),
+                 "writers": lambda: writers(b),
+                 # its sweep sets data.seed=7, BASE's value: the same run as the 2-rank reference
+                 "sigterm": lambda: sigterm(b, reference2),
+                 "errors": lambda: launch_errors(b, args.launch_errors)}
+        for name in FAULTS:
+            if name in chosen:
+                steps[name]()
         rows = b.rows
     load = os.getloadavg()
     meta = {"cpu_count": os.cpu_count(), "load_avg_1_5_15": [round(x, 1) for x in load],

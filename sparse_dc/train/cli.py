@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
         code = EXIT_BUSY if busy else EXIT_ERROR
         if launch_rank == 0:
             write_status("busy" if busy else "failed", code, message=str(exc))
-        if report_error(f"sparse-dc train: error: {exc}", launch_rank):
+        if report_error(f"sparse-dc train: error: {exc}", launch_rank, code):
             print(f"sparse-dc train: error: {exc}", file=sys.stderr, flush=True)
         return code
     except BaseException as exc:  # a bug or a crash: the traceback follows; the status file still says so

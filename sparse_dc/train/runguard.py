@@ -139,14 +139,14 @@ def die_with_launcher() -> None:
         os._exit(EXIT_STOPPED)
 
 
-def report_error(message: str, launch_rank: int) -> bool:
+def report_error(message: str, launch_rank: int, exit_code: int = EXIT_ERROR) -> bool:
     """Deliver a user error once per launch; returns whether the caller should print it (rank 0 outside
     torchrun). Ranks > 0 exit through here after a grace period, which the launcher normally cuts short once
     rank 0 has exited; under torchrun rank 0 hands the message to torchrun's error file and exits."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if launch_rank != 0:
         time.sleep(ERROR_GRACE_S)
-        os._exit(EXIT_ERROR)
+        os._exit(exit_code)
     if not (under_torchrun() and error_file):
         return True
     # torchrun's summary names the failure with the earliest timestamp as the root cause; its timestamps are whole
@@ -155,4 +155,4 @@ def report_error(message: str, launch_rank: int) -> bool:
         write_text_atomic(error_file, json.dumps({"message": message, "timestamp": math.floor(time.time()) - 1}))
     except OSError:
         return True
-    os._exit(EXIT_ERROR)
+    os._exit(exit_code)

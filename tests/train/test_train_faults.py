@@ -183,10 +183,13 @@ cp {ledger_disk}/ledger.jsonl {out}/ledger.jsonl
 
 def test_a_second_writer_is_refused_while_the_first_trains(prepared_data, tmp_path):
     config = write_config(tmp_path, prepared_data, "busy", "block", 2, checkpoint_interval=0, tensorboard=False)
-    first = start_train(tmp_path, config, 1, "--resume", "auto")
+    long = ("data.epochs=60", "--resume", "auto")  # ~500 steps: still training when the second one starts
+    first = start_train(tmp_path, config, 1, *long)
     try:
         wait_for_step(tmp_path / "runs" / "busy", 2, first)
-        second = run_train(tmp_path, config, 1, "--resume", "auto").proc
+        second = run_train(tmp_path, config, 1, *long).proc
+        assert first.poll() is None, "the first run ended before the second one started"
+        os.killpg(first.pid, signal.SIGTERM)  # it saves and stops: only the refusal was to be seen
         output, _ = first.communicate(timeout=240)
     finally:
         if first.poll() is None:
@@ -195,9 +198,9 @@ def test_a_second_writer_is_refused_while_the_first_trains(prepared_data, tmp_pa
     (line,) = second.stderr.strip().splitlines()
     assert line.startswith(f"sparse-dc train: error: run directory {tmp_path / 'runs' / 'busy'} is being written by "
                            f"another process (pid {first.pid} on ")
-    assert first.returncode == 0, output[-3000:]
+    assert first.returncode == 75, output[-3000:]
     assert "--resume auto: no checkpoint of run 'busy'" in output and "starting at step 0" in output
-    assert len(read_ledger(str(tmp_path / "ledger.jsonl"))) == 1
+    assert not (tmp_path / "ledger.jsonl").exists()  # the refused launch wrote nothing
 
 
 def test_user_error_reaches_the_screen_once_under_torchrun_and_srun(prepared_data, tmp_path):
