@@ -216,7 +216,9 @@ class Checkpointer:
                 if damaged and self.rank == 0:
                     print(f"checkpoint {damaged[-1][0]} is damaged ({damaged[-1][1]}): resuming from {tag} instead "
                           f"(kept as {damaged[-1][0]}{CORRUPT_SUFFIX})", file=sys.stderr, flush=True)
-                self.last_intact = (step, "checksums verified at resume")
+                recorded = "files" in read_marker(os.path.join(self.dir, tag))
+                self.last_intact = (step, "checksums verified at resume" if recorded else
+                                    "saved without checksums, so unverified")
                 return step, tag
             damaged.append((tag, problem))
             if self.rank == 0:
