@@ -9,6 +9,7 @@ from sparse_dc.config.base import ConfigError
 from sparse_dc.train.checkpoint import MARKER, Checkpointer, complete_checkpoints
 from sparse_dc.train.config import TrainConfig
 from sparse_dc.train.ledger import SHARED_FIELDS, append_row, read_ledger
+from train_harness import run_in_processes
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path):
@@ -82,14 +83,7 @@ def test_runs_record_their_rows_once_while_rows_update_in_place(tmp_path):
     path = str(tmp_path / "ledger.jsonl")
     for i in range(40):
         append_row(path, {**{f: 0 for f in SHARED_FIELDS}, "name": f"old-{i}", "run_id": f"old-{i}"})
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_record_many, args=(path, w)) for w in range(2)]
-    procs += [ctx.Process(target=_update_many, args=(path, w)) for w in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    assert all(p.exitcode == 0 for p in procs)
+    run_in_processes([(f, (path, w)) for f in (_record_many, _update_many) for w in range(2)])
     rows = read_ledger(path)
     assert sorted(r["name"] for r in rows) == sorted([f"old-{i}" for i in range(40)]
                                                      + [f"w{w}-{i}" for w in range(2) for i in range(30)])
