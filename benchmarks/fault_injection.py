@@ -249,7 +249,8 @@ cp {ledger_disk}/ledger.jsonl {folder}/ledger.jsonl
     good = (rcs == ["2", "2", "0"] and "no space left on" in last[1][0] and "no space left on" in last[2][0]
             and len(rows) == 1 and rows[0]["val_loss"] == reference["val_loss"])
     b.record("full disk during a checkpoint save, then for the ledger append (real tmpfs)", 1,
-             "one line each (`" + last[1][0].split(": error: ")[-1][:60] + "...`); after freeing space: one row, "
+             "one line each (`" + last[1][0].split(": error: ")[-1].replace(str(b.root), "<tmp>")[:60]
+             + "...`); after freeing space: one row, "
              "uninterrupted val_loss" if good else f"FAILED {rcs} {last}", 0 if good else 1, time.time() - started)
 
 
