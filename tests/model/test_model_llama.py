@@ -55,13 +55,17 @@ def test_preset_counts_match_hand_formula(name):
 
 @pytest.mark.parametrize("name,paper", [("60m", 8.0e7), ("120m", 1.45e8), ("480m", 5.21e8)])
 def test_law_counts_follow_the_papers_convention(name, paper):
-    """The ledger's N (law_dense) is within 3% of the paper's published count; the raw total is far off."""
+    """The ledger's N (law_dense) is within 3% of the paper's published count; the raw total is far off. A sparse
+    run's N is the paper's N_dense x S (the head scaled too, although it stays dense); what the run physically
+    holds has its own count."""
     counts = param_counts(ModelConfig(preset=name), SparsityConfig(), vocab_size=32000)
     assert counts.law_dense == counts.dense - counts.embedding
     assert abs(counts.law_dense / paper - 1) < 0.03
     assert counts.dense / paper - 1 > 0.07  # two vocab x d matrices: 7% (480m) to 19% (60m) too many
     half = param_counts(ModelConfig(preset=name), SparsityConfig(density=0.5, block_size=64), vocab_size=32000)
-    assert half.law_active == half.active_non_embedding + half.head
+    assert half.live_fraction == 0.5 and half.law_active == round(0.5 * half.law_dense)
+    assert abs(half.law_active / (0.5 * paper) - 1) < 0.03
+    assert half.law_active_physical == half.active_non_embedding + half.head > half.law_active
 
 
 @pytest.mark.parametrize("block_size,distribution", [(1, "uniform"), (32, "erk"), (16, "am_ratio")])
