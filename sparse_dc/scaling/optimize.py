@@ -176,11 +176,11 @@ def plan(form: LawForm, params: Mapping[str, float], unique_tokens: float, compu
 
 
 def training_config(p: Plan, name: str, data_dir: str = "runs/data/corpus", seq_len: int = 256) -> dict[str, Any]:
-    """The `sparse-dc train` config for a plan: the paper preset of its model size (launch/configs/) at the
+    """The `sparse-dc train` config for a plan: the fast preset of its model size (launch/configs/) at the
     planned density, trained for exactly the planned tokens on the planned unique budget."""
-    from sparse_dc.launch.presets import paper_preset
+    from sparse_dc.launch.presets import fast_preset
 
     if seq_len != 256:
         raise PlanError(f"seq_len={seq_len}: the presets (and the paper's runs) use 256")
-    return paper_preset(p.preset, round(p.density, 6), data_dir=data_dir, unique_tokens=int(p.unique_tokens),
-                        epochs=None, total_tokens=int(p.tokens), name=name)
+    return fast_preset(p.preset, round(p.density, 6), data_dir=data_dir, unique_tokens=int(p.unique_tokens),
+                       epochs=None, total_tokens=int(p.tokens), name=name)
