@@ -34,6 +34,9 @@ ELEMENT_STEP = "element_step"
 
 
 class AdamDST(torch.optim.Optimizer):
+    EXTRA_STATE_KEYS = (ELEMENT_STEP,)
+    """Elementwise states beyond Adam's, which a world-size change must carry (sparse_dc/train/extra_states.py)."""
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, momentum_ramp_steps: int = 20):
         if lr < 0 or eps < 0 or weight_decay < 0:
@@ -46,13 +49,6 @@ class AdamDST(torch.optim.Optimizer):
                         momentum_ramp_steps=momentum_ramp_steps)
         super().__init__(params, defaults)
 
-    def init_state(self) -> None:
-        """Create every parameter's state now (zeros) instead of at its first step, so the states exist before a
-        checkpoint is loaded into them (DeepSpeed links and restores only states that exist)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                self._state_of(p)
-
     def _state_of(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
@@ -60,8 +56,6 @@ class AdamDST(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state[ELEMENT_STEP] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-        elif ELEMENT_STEP not in state:  # e.g. states restored by a loader that knows only Adam's keys
-            state[ELEMENT_STEP] = torch.full_like(p, float(state["step"]), dtype=torch.float32)
         return state
 
     @torch.no_grad()

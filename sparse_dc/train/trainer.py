@@ -93,9 +93,6 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, total_
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                            lr_scheduler=schedule, config=ds_config)
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    if isinstance(inner, AdamDST):  # states exist before any resume loads into them (see AdamDST.init_state)
-        inner.init_state()
     return engine
 
 
