@@ -1,4 +1,6 @@
 """Llama model: shapes, causality, presets, parameter accounting (built vs analytic vs hand formula), FLOPs."""
+import math
+
 import pytest
 import torch
 
@@ -138,3 +140,19 @@ def test_model_cli_prints_table(capsys):
     assert model_cli(["--preset", "20m", "--block-size", "64", "--density", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "704*" in out and "rounded up to a multiple of block size 64" in out
+
+
+@pytest.mark.parametrize("init", ["normal", "scaled_residual"])
+def test_init_and_norm_eps_options(init):
+    """init=normal (the paper's Hugging Face Llama): every weight matrix N(0, init_std); scaled_residual: o and down
+    at init_std / sqrt(2 x n_layers). The RMSNorm epsilon is the configured one."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", n_layers=8, init=init, norm_eps=1e-6)
+    model = build_model(cfg, SparsityConfig(), vocab_size=512)
+    residual = 0.02 / math.sqrt(2 * 8) if init == "scaled_residual" else 0.02
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            want = residual if name.endswith(("attn.o.weight", "mlp.down.weight")) else 0.02
+            assert float(p.std()) == pytest.approx(want, rel=0.05), name
+    norms = [m for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    assert len(norms) == 17 and all(m.eps == 1e-6 for m in norms)
