@@ -2,6 +2,7 @@
 True exactly on the document's tokens, exact U and D in slots and in real tokens, world-size invariant batches
 and loss normalisers. The oracle is the prepared corpus re-read as a list of documents (the Arrow rows)."""
 import collections
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -99,3 +100,16 @@ def test_validation_documents_come_before_the_pool(prepared):
         k = min(len(docs[row]), L)
         np.testing.assert_array_equal(val["tokens"][row, :k].numpy(), docs[row][:k])
         assert int(val["loss_mask"][row].sum()) == k
+
+
+def test_inspect_reports_both_counts(prepared, capsys):
+    from sparse_dc.data.cli import main
+
+    args = ["inspect", str(prepared), "--unique-tokens", str(200 * L), "--seq-len", str(L), "--epochs", "2.5",
+            "--val-tokens", "3000", "--seed", "7", "--packing", "document", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    plan = budget(prepared).plan
+    assert report["packing"] == "document" and report["unique_tokens"] == 200 * L
+    assert (report["unique_real_tokens"], report["total_real_tokens"]) == (plan.unique_real_tokens,
+                                                                          plan.total_real_tokens)
