@@ -42,10 +42,6 @@ class StreamSpec:
     shuffle_buffer: int = 0
     seed: int = 0
 
-    def with_split(self, split: str) -> "StreamSpec":
-        return StreamSpec(self.dataset, self.config, split, self.data_files, self.revision, self.text_field,
-                          self.shuffle_buffer, self.seed)
-
     @property
     def is_hub(self) -> bool:
         """A hub repository (not a packaged builder such as json/parquet, not a local folder)."""

@@ -16,6 +16,7 @@ bad input (one-line error) removes it; Ctrl-C, a network failure or a kill leave
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import itertools
 import json
@@ -66,9 +67,11 @@ def prepare_stream(cfg: PrepareConfig) -> dict:
             _check_resumable(partial, progress, key, cfg.max_tokens)
         held_out = None
         if cfg.val_inputs or cfg.val_split:
+            # the validation split of the very commit the training split was read from
+            val_spec = dataclasses.replace(spec, split=cfg.val_split, revision=stream.revision or spec.revision)
             held_out = ValidationSource(
-                inputs=cfg.val_inputs, stream=spec.with_split(cfg.val_split) if cfg.val_split else None,
-                text_field=cfg.text_field, doc_boundary=cfg.doc_boundary, split=cfg.val_split or "validation")
+                inputs=cfg.val_inputs, stream=val_spec if cfg.val_split else None, text_field=cfg.text_field,
+                doc_boundary=cfg.doc_boundary, split=cfg.val_split or "validation")
     except BaseException:
         lock.release()
         if progress is None:  # nothing worth keeping
