@@ -95,7 +95,8 @@ class PrepareConfig(Config):
         streaming = self.hf_dataset is not None
         self.check(not streaming or (self.max_tokens or 0) >= 1, path, "max_tokens",
                    "an integer >= 1 with --hf-dataset (--max-tokens 2.6B: stop reading once written)")
-        self.check(streaming or self.max_tokens is None, path, "max_tokens", "only with --hf-dataset")
+        for name in ("max_tokens", "hf_config", "hf_data_files", "hf_revision", "shuffle_buffer"):
+            self.check(streaming or getattr(self, name) in (None, [], 0), path, name, "only with --hf-dataset")
         self.check(self.shuffle_buffer >= 0, path, "shuffle_buffer", "an integer >= 0 (0 = stream order)")
         self.check(self.tokenizer_docs >= 1, path, "tokenizer_docs", "an integer >= 1")
         self.check(self.val_tokens is None or self.val_tokens >= 1, path, "val_tokens", "null or an integer >= 1")

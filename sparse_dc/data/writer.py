@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -150,11 +150,3 @@ def _next_chunk_size(writer: ShardWriter, max_tokens: int | None) -> int:
     mean = writer.tokens / writer.documents
     return max(1, min(ENCODE_CHUNK_DOCS, math.ceil((max_tokens - writer.tokens) / mean * 1.05) + 1))
 
-
-def chunked_records(batches: Iterable[list], start: int = 0) -> Iterator[tuple[int, object]]:
-    """Flatten batches of records into (record index, record) pairs, numbering from `start`."""
-    index = start
-    for batch in batches:
-        for item in batch:
-            yield index, item
-            index += 1

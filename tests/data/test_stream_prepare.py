@@ -103,6 +103,14 @@ def test_deterministic_and_nested_with_a_seeded_shuffle_buffer(tmp_path, jsonl_f
     np.testing.assert_array_equal(small, large[:5_000])  # token-exact prefix
     assert not np.array_equal(small, tokens_of(tmp_path / "other_seed"))
     assert runs["a"]["stream"]["order"] == "shuffle buffer 64, seed 1" and runs["a"]["doc_order_seed"] == 1
+    # the order is the one `load_dataset(..., streaming=True).shuffle(seed, buffer_size)` gives (as in the paper's
+    # official code, which streams C4 through dataset.shuffle(seed=32), buffer 1000)
+    import datasets
+
+    reference = datasets.load_dataset("json", data_files=str(jsonl_files / "part-*.jsonl"), split="train",
+                                      streaming=True).shuffle(seed=1, buffer_size=64)
+    expect, _ = oracle_tokens(tokenizer, [row["text"] for row in itertools.islice(reference, 300)])
+    np.testing.assert_array_equal(large, expect[:12_000])
     # the loader's unique pools over the two directories are the same tokens (nested unique budgets)
     pools = [TokenBudget.from_config(DataConfig(dir=str(tmp_path / d), unique_tokens=4_096, seq_len=64, epochs=1.0,
                                                 val_tokens=0, verify="size")) for d in ("a", "large")]
