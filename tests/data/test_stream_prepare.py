@@ -152,8 +152,10 @@ def test_parquet_folder_with_a_validation_split(tmp_path, parquet_folder, docume
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "x.partial")
 
 
-def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, jsonl_files, tokenizer, monkeypatch, caplog):
-    reference = stream_json(jsonl_files, tokenizer, tmp_path / "ref", 9_000)
+@pytest.mark.parametrize("shuffle_buffer", [0, 64])
+def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, jsonl_files, tokenizer, monkeypatch, caplog,
+                                                       shuffle_buffer):
+    reference = stream_json(jsonl_files, tokenizer, tmp_path / "ref", 9_000, shuffle_buffer=shuffle_buffer)
     close_shard = ShardWriter._close_shard
     closed = []
 
@@ -166,16 +168,16 @@ def test_interrupted_prepare_resumes_to_the_same_bytes(tmp_path, jsonl_files, to
     monkeypatch.setattr(ShardWriter, "_close_shard", interrupt_after_two)
     out = tmp_path / "s"
     with pytest.raises(KeyboardInterrupt):
-        stream_json(jsonl_files, tokenizer, out, 9_000)
+        stream_json(jsonl_files, tokenizer, out, 9_000, shuffle_buffer=shuffle_buffer)
     monkeypatch.undo()
     partial = tmp_path / "s.partial"
     progress = json.loads((partial / "progress.json").read_text())
     assert not out.exists() and [s["file"] for s in progress["shards"]] == closed
     # other settings: refused, the folder is kept
     with pytest.raises(DataError, match=r"other settings \(shard_tokens: 2000 -> 3000\)"):
-        stream_json(jsonl_files, tokenizer, out, 9_000, shard_tokens=3_000)
+        stream_json(jsonl_files, tokenizer, out, 9_000, shard_tokens=3_000, shuffle_buffer=shuffle_buffer)
     caplog.set_level("INFO")
-    resumed = stream_json(jsonl_files, tokenizer, out, 9_000)
+    resumed = stream_json(jsonl_files, tokenizer, out, 9_000, shuffle_buffer=shuffle_buffer)
     assert f"skipping {progress['records_consumed']} records" in caplog.text
     assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
     assert not partial.exists() and sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "ref"))
