@@ -44,9 +44,11 @@ class ValidationSource:
         if self.stream is not None:
             spec, rev = self.stream.spec, self.stream.revision
             config = f" ({spec.config})" if spec.config else ""
-            return f"{spec.dataset}{config} split {spec.split}" + (f" @ {rev[:12]}" if rev else "")
-        names = ", ".join(os.path.basename(f) for f in self.files[:3])
-        return f"files {names}" + (f" (+{len(self.files) - 3} more)" if len(self.files) > 3 else "")
+            label = f"{spec.dataset}{config} split {spec.split}"
+            if rev:
+                return f"{label} @ {rev[:12]}"
+            return f"{label}: {_names(self.stream.describe()['resolved_files'])}" if spec.data_files else label
+        return f"files {_names(self.files)}"
 
     def documents(self) -> Iterator[tuple[int, str]]:
         if self.stream is not None:
@@ -72,3 +74,8 @@ class ValidationSource:
                             f"--val-tokens {max_tokens} (lower --val-tokens or add inputs)")
         return {"description": self.label(), "source": self.describe(), "tokens": writer.tokens,
                 "documents": writer.documents, "last_document_truncated": truncated, "shards": entries}
+
+
+def _names(paths: list[str]) -> str:
+    names = ", ".join(os.path.basename(str(p)) for p in paths[:3])
+    return names + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
