@@ -10,9 +10,9 @@ on a resume on another world size (AdamDST's would restart every weight's count)
   reads every file of a parameter's folder, so it restores these itself;
 - `restore_extra_states(engine, universal_dir)` after the load: checks that every extra state the optimizer
   keeps (its EXTRA_STATE_KEYS) has its files (a universal folder converted without them is refused with the
-  fix), and under ZeRO 3 copies each rank's slice into its partition (what deepspeed.utils.safe_set_full_optimizer_state does, without its 0.19.8 slip: it
-  reads rank r's slice at r x (the rank's own slot length), past the end of a parameter whose size the ranks do
-  not divide).
+  fix), and under ZeRO 3 copies each rank's slice into its partition (what
+  deepspeed.utils.safe_set_full_optimizer_state does, without its 0.19.8 slip: it reads rank r's slice at
+  r x (the rank's slot length), past the end of a parameter whose size the ranks do not divide).
 
 Shard layouts, as DeepSpeed writes them: ZeRO 1/2 rank r's flat partition of group g holds parameter fragments at
 `param_slice_mappings[g][name]` (start, numel), in rank order; ZeRO 3 rank r's flat sub-group g holds, for every

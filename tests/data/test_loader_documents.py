@@ -113,3 +113,30 @@ def test_inspect_reports_both_counts(prepared, capsys):
     assert report["packing"] == "document" and report["unique_tokens"] == 200 * L
     assert (report["unique_real_tokens"], report["total_real_tokens"]) == (plan.unique_real_tokens,
                                                                           plan.total_real_tokens)
+
+
+def test_held_out_validation_documents_come_from_the_separate_set(tmp_path, corpus_jsonl, prepared):
+    """With a held-out validation set (prepare --val-input), document packing validates on its documents that start
+    in its first val_tokens tokens, one padded sequence each, and the pool starts at the training stream's first
+    document."""
+    from sparse_dc.data.prepare import PrepareConfig, prepare
+
+    held_out = tmp_path / "held_out.txt"
+    paragraphs = [f"Validation paragraph {i}: " + "sparse weights, dense data, repeated epochs. " * (1 + i % 9)
+                  for i in range(60)]
+    held_out.write_text("\n\n".join(paragraphs))
+    prepare(PrepareConfig(inputs=[str(corpus_jsonl)], out=str(tmp_path / "d"),
+                          tokenizer=str(prepared / "tokenizer.model"), shard_tokens=40_000, val_inputs=[str(held_out)],
+                          doc_boundary="blankline", val_tokens=2_000))
+    b = budget(tmp_path / "d", val_tokens=1_000)
+    assert (b.plan.val_source, b.plan.train_start) == ("heldout", 0)
+    validation = b.held_out
+    lengths = np.diff(np.concatenate([[0], validation.doc_ends]))
+    n = b.validation_sequences()
+    assert sum(lengths[:n - 1]) < 1_000 <= sum(lengths[:n])  # every document starting before the cut
+    val = b.validation_micro_batch(np.arange(n))
+    first = np.empty(min(int(lengths[0]), L), np.int64)
+    validation.read(0, first)
+    np.testing.assert_array_equal(val["tokens"][0, :len(first)].numpy(), first)
+    assert val["loss_mask"].sum(1).tolist() == np.minimum(lengths[:n], L).tolist()
+    assert b.documents.starts[0] == 0  # the pool: the training stream's first documents
