@@ -81,7 +81,8 @@ def test_ledger_n_is_the_n_the_paper_law_was_fitted_with(tmp_path):
         for density in (1.0, 0.25, 0.0625):
             cfg = RunConfig.from_dict(paper_recipe(size, density))
             plan = SimpleNamespace(unique_tokens=2_600_000_000, total_tokens=10_400_000_000, seq_len=256,
-                                   packing="document", unique_real_tokens=0, total_real_tokens=0)
+                                   packing="document", unique_real_tokens=0, total_real_tokens=0, val_tokens=0,
+                                   val_source="heldout", val_from="C4 validation")
             row = make_row(cfg, param_counts(cfg.model, cfg.sparsity, 32000), plan, val_loss=3.0, tokens_per_s=1.0,
                            wall_time_s=1.0, steps=1, world_size=1)
             assert row["block_size"] == (1 if density < 1 else None)
