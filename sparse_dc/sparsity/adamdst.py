@@ -10,8 +10,9 @@ Per weight w with gradient g, step count t_w (incremented every step) and learni
 Without DST this is Adam whose first moment is damped during the first `ramp` steps (a hidden ~20-40-step warmup
 on every parameter, embeddings and norms included: the paper's code does exactly this). A topology update that
 regrows w zeroes m_w and v_w and sets t_w to `restart` (5 in the paper's code), so the regrown weight's first
-updates are small (0.16 x lr, then ~0.11-0.13 x lr while its count ramps, instead of the ~0.5-3 x lr plain
-Adam with a global step gives it; tests/sparsity/test_sparsity_recipe.py computes the sequence independently).
+updates are small (under a constant gradient 0.16 / 0.17 / 0.27 / 0.78 x lr at the 1st / 5th / 10th / 20th step
+after regrowth, where plain Adam with its global step moves it ~0.5-3 x lr from the first step on;
+tests/sparsity/test_sparsity_recipe.py computes the sequence independently).
 
 Weight decay, when a param group has any, is decoupled (AdamW's form, as sparse-dc's default optimizer); the
 paper's runs use none.

@@ -31,9 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 from sparse_dc.errors import SparseDCError
+from sparse_dc.sparsity.adamdst import ELEMENT_STEP
 from sparse_dc.sparsity.config import SparsityConfig
 from sparse_dc.sparsity.layer import SparseLinear
-from sparse_dc.sparsity.adamdst import ELEMENT_STEP
 from sparse_dc.sparsity.optim_state import OptimizerState, TorchOptimizerState
 from sparse_dc.sparsity.topology import drop_grow, prune_rate_at, unit_generator
 

@@ -56,7 +56,8 @@ def drop_grow(mask: torch.Tensor, magnitude: torch.Tensor, grow_score: torch.Ten
     comes back in the same update) or every unit dead after the drop (`regrow_dropped=True`: RigL's and the paper
     code's rule, where a just-dropped unit competes with the others and, if grown, restarts at 0 like any grown
     unit). Keeps the live count exactly. Returns (new mask, grown units), bool, same shape and device as `mask`."""
-    n = min(n, int(mask.sum()) if regrow_dropped else min(int(mask.sum()), int((~mask).sum())))
+    live, dead = int(mask.sum()), int((~mask).sum())
+    n = min(n, live if regrow_dropped else min(live, dead))
     new = mask.clone()
     grown = torch.zeros_like(mask)
     if n <= 0:

@@ -23,8 +23,7 @@ from sparse_dc.config.run import RunConfig
 from sparse_dc.data.loader import TokenBudget, TokenBudgetDataset
 from sparse_dc.errors import SparseDCError
 from sparse_dc.model import build_model, count_params, flops_per_token
-from sparse_dc.sparsity import DSTEngine, optimizer_state
-from sparse_dc.sparsity.adamdst import AdamDST
+from sparse_dc.sparsity import AdamDST, DSTEngine, optimizer_state
 from sparse_dc.train import ledger
 from sparse_dc.train.checkpoint import Checkpointer, ResumeError, StopSignal
 from sparse_dc.train.dist import DistEnv
