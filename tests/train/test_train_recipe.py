@@ -1,6 +1,6 @@
 """The paper recipe end to end: the preset of launch/configs/paper/20m-d0.0625.yaml with its model shrunk to the
-tiny shape (CI time; README shows the 20m shape itself trained the same way) and CPU-sized data (vocab 512,
-64-token documents, 16-sequence batches, fp32), trained as real 2-rank `sparse-dc train` runs. Each row is
+tiny shape (CI time; README has the 20m shape's own CPU command) and CPU-sized data (vocab 512, 64-token
+documents, 16-sequence batches, fp32), trained as real 2-rank `sparse-dc train` runs. Each row is
 checked against the official formula computed here: the LR curve (5% warmup from LR 0, cosine to 0.1x over
 (s - w) / (T - w)), the prune rate (cosine to the 0.005 floor, updates to the last step), AdamDST's per-weight
 steps, the padding mask and both validation estimators (recomputed from the final weights), the law's N; and a
