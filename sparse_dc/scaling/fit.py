@@ -102,6 +102,9 @@ def load_fit(path: str) -> FitResult:
         result = FitResult(**data)
     except FileNotFoundError:
         raise FitError(f"fit file {path!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise FitError(f"fit file {path!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                       f"{exc.start}); expected a JSON fit written by `sparse-dc law fit`") from None
     except (json.JSONDecodeError, TypeError) as exc:
         raise FitError(f"fit file {path!r} is not a fit written by `sparse-dc law fit`: {exc}") from None
     result.params = result.law.check_params(result.params)

@@ -98,7 +98,7 @@ def best_of(loss, starts, steps=50):
     return best[0], best[1], finals
 
 
-def _repetition_rows(rows, p2):
+def repetition_rows(rows, p2):
     """The notebook's stage-3/4 precomputation, row by row in numpy (cells 6 and 9)."""
     a, b, e, alpha, eps, mu, c = p2
     beta, A, B = alpha, np.exp(a), np.exp(b)
@@ -129,10 +129,10 @@ def notebook_fit(runs, grids, steps=50):
                      [[*s1[1], *point] for point in itertools.product(g[1]["eps"], g[1]["mu"], g[1]["c"])], steps)
         p2 = [float(v) for v in s2[1]]
         rows = lambda r: zip(r.active_params, r.tokens, r.unique_tokens, r.val_loss, r.density)  # noqa: E731
-        inp3 = _repetition_rows(rows(runs.subset(dense & ~one)), p2)
+        inp3 = repetition_rows(rows(runs.subset(dense & ~one)), p2)
         s3 = best_of(lambda th: loss_stage3(inp3, th, p2), itertools.product(g[2]["g1"], g[2]["g2"]), steps)
         gammas = [float(v) for v in s3[1]]
-        inp4 = _repetition_rows(rows(runs.subset(~dense & ~one)), p2)
+        inp4 = repetition_rows(rows(runs.subset(~dense & ~one)), p2)
         s4 = best_of(lambda th: loss_stage4(inp4, th, p2, gammas),
                      itertools.product(g[3]["c11"], g[3]["c12"], g[3]["c21"], g[3]["c22"]), steps)
     names = ("a", "b", "e", "alpha", "eps", "mu", "c", "g1", "g2", "c11", "c12", "c21", "c22")
