@@ -65,6 +65,12 @@ def test_dense_single_epoch_reduces_to_chinchilla_form():
     assert get_form("paper").predict(PAPER, point(N, U, U, 1.0))[0] == pytest.approx(expected, rel=1e-12)
 
 
+def test_a_dense_run_has_f_one_whatever_mu():
+    """c (1-S)^mu is exactly 0 at S = 1 (the official code's 0^mu would be inf for mu < 0)."""
+    law, x = get_form("paper"), point(5e7, 1e9, 1e9, 1.0)
+    assert law.predict({**PAPER, "mu": -0.5}, x)[0] == law.predict({**PAPER, "c": 0.0}, x)[0] == law.predict(PAPER, x)[0]
+
+
 def test_repetition_raises_loss_less_when_sparse():
     """Delayed saturation: going from 1 to 16 epochs at fixed D hurts a sparse model less than a dense one."""
     law = get_form("paper")
