@@ -3,8 +3,9 @@
 Shared field names (the law toolkit's contract): `name`, `dense_params` (dense-equivalent N in the paper fit's
 convention: every parameter but the input embedding table, see sparse_dc/model/params.py), `active_params` (the
 same over live parameters), `density`, `unique_tokens`, `tokens`, `val_loss`. The rest: raw totals
-(`*_params_total`, embedding included) and non-embedding counts, `epochs` (R = D / U), block size, DST method,
-throughput, wall time, config hash, git commit.
+(`*_params_total`, embedding included) and non-embedding counts, `epochs` (R = D / U), the validation set
+(`val_tokens`, `val_source`: heldout | prefix, `val_from`), block size, DST method, throughput, wall time, config
+hash, git commit.
 
 Appends are one `write()` of a whole line on an O_APPEND descriptor under an exclusive `flock`, so concurrent runs
 sharing a ledger (an array job on one filesystem) never interleave or tear lines. `update_row` changes one row in
@@ -134,6 +135,9 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "density_measured": counts.density,
         "epochs": plan.total_tokens / plan.unique_tokens,
         "seq_len": plan.seq_len,
+        "val_tokens": plan.val_tokens,  # val_loss was measured on these tokens of:
+        "val_source": plan.val_source,  # "heldout" (a separate prepared set) or "prefix" (carved off the corpus)
+        "val_from": plan.val_from,
         "block_size": cfg.sparsity.block_size,
         "dst_method": cfg.sparsity.method if cfg.sparsity.sparse else "dense",
         "model_preset": cfg.model.preset,
