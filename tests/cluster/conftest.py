@@ -43,5 +43,5 @@ def loopback_ssh(tmp_path_factory, request) -> LoopbackSSH:
 
 
 @pytest.fixture(scope="session")
-def docker(tmp_path_factory, request) -> LocalDocker:
+def dockerd(tmp_path_factory, request) -> LocalDocker:
     return _started(LocalDocker(tmp_path_factory.mktemp("docker")), request)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -22,12 +21,6 @@ def require(*binaries: str, install: str) -> dict[str, str]:
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed: {install} (.ci/cluster-deps installs it)")
     return found  # type: ignore[return-value]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:

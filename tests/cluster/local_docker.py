@@ -31,6 +31,9 @@ class LocalDocker:
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self.stack.cleanups.append(self._remove_storage)
+        # folders dockerd and containerd's shims make in /run whatever their roots: removed after, if new
+        for made in [path for path in (Path("/run/docker"), Path("/run/containerd")) if not path.exists()]:
+            self.stack.cleanups.append(lambda made=made: shutil.rmtree(made, ignore_errors=True))
         daemon = self.stack.start("dockerd", [
             self.bins["dockerd"], f"--data-root={self.root / 'data'}", f"--exec-root={self.exec_root}",
             f"--pidfile={self.root / 'dockerd.pid'}", f"--host={self.env['DOCKER_HOST']}",

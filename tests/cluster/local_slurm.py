@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemons import Stack, free_port, require, wait_until
+from daemons import Stack, require, wait_until
+from train_harness import free_port
 
 PACKAGES = "apt-get install slurmctld slurmd slurm-client munge"
 

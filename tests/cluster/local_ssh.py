@@ -8,7 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from daemons import Stack, free_port, require, wait_until
+from daemons import Stack, require, wait_until
+from train_harness import free_port
 
 PACKAGES = "apt-get install openssh-server openssh-client pdsh"
 

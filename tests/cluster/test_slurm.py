@@ -25,10 +25,10 @@ LONGER = ["data.epochs=6", "train.eval_interval=0"]
 STEPS = 48
 
 
-def sparse_dc(slurm, cwd: Path, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def sparse_dc(slurm, cwd: Path, *argv: str, timeout: float = 300, ok: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "sparse_dc.cli", *argv], capture_output=True, text=True,
                           env=slurm.env, cwd=cwd, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
@@ -113,6 +113,14 @@ def test_sweep_in_a_fresh_folder_submits_tracks_and_resubmits(slurm, tmp_path, c
         assert f"job {job} (restart 0)" in job_log(fresh / "runs" / "slurm", job)
     assert set(ledger_rows(tmp_path / "ledger.jsonl")) == set(second)
     assert "3 runs: 3 skipped" in sparse_dc(slurm, fresh, *sweep).stdout
+
+
+def test_the_scripts_gpu_request_on_a_cpu_node_is_refused_naming_the_override(slurm, tmp_path, cluster_data):
+    config = write_config(tmp_path, cluster_data, "base", None)
+    sweep = ["sweep", "--config", str(config), "--grid", "sparsity.density=1", "--launcher", "slurm"]
+    error = sparse_dc(slurm, tmp_path, *sweep, ok=False).stderr.strip().splitlines()[-1]
+    assert "Invalid generic resource (gres) specification" in error
+    assert "-- --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1" in error
 
 
 def test_reproduce_submits_the_ci_grid_then_reports(slurm, tmp_path):
