@@ -14,16 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from local_docker import LocalDocker  # noqa: E402
 from local_slurm import LocalSlurm  # noqa: E402
 from local_ssh import LoopbackSSH  # noqa: E402
+from train_harness import prepare_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def cluster_data(tmp_path_factory) -> Path:
-    """The built-in corpus with a 512-token vocabulary (~1.1M tokens)."""
-    from sparse_dc.data.prepare import PrepareConfig, prepare
-
-    out = tmp_path_factory.mktemp("cluster_data") / "data"
-    prepare(PrepareConfig(builtin=True, out=str(out), vocab_size=512, workers=2))
-    return out
+    """~150K tokens of built-in documents, vocab 512 (the corpus of tests/train)."""
+    return prepare_corpus(tmp_path_factory.mktemp("cluster_data"))
 
 
 def _started(piece, request):
