@@ -1,6 +1,6 @@
-"""Session fixtures of the real-cluster tests (marker `cluster`): a prepared corpus, and the pieces of a cluster
-started on this machine by the tests themselves and stopped by PID when the session ends: a one-node SLURM
-(munged, slurmctld, slurmd), a loopback sshd for pdsh, and a Docker daemon. A piece that is not installed skips
+"""Fixtures of the real-cluster tests (marker `cluster`): a prepared corpus, and the pieces of a cluster started on
+this machine by the tests themselves and stopped by PID at the end of the test module that uses them: a one-node
+SLURM (munged, slurmctld, slurmd), a loopback sshd for pdsh, and a Docker daemon. A piece that is not installed skips
 its tests, naming the packages (`.ci/cluster-deps` installs them all); everything listens on 127.0.0.1 or a Unix
 socket in the test folder, and nothing in /etc or ~/.ssh is changed."""
 import sys
@@ -29,16 +29,16 @@ def _started(piece, request):
     return piece
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm(tmp_path_factory, request) -> LocalSlurm:
     return _started(LocalSlurm(tmp_path_factory.mktemp("slurm")), request)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def loopback_ssh(tmp_path_factory, request) -> LoopbackSSH:
     return _started(LoopbackSSH(tmp_path_factory.mktemp("ssh")), request)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dockerd(tmp_path_factory, request) -> LocalDocker:
     return _started(LocalDocker(tmp_path_factory.mktemp("docker")), request)
