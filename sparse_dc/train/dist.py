@@ -44,7 +44,8 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 # The variables each MPI launcher exports to its ranks: (global rank, world size, rank on this node, ranks on this
-# node). Checked before SLURM_*: an `mpirun` inside an allocation gives every rank the batch step's SLURM_PROCID=0.
+# node); a launcher is recognised by its first three. Checked before SLURM_*: an `mpirun` inside an allocation gives
+# every rank the batch step's SLURM_PROCID=0. (srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE but no local rank: SLURM_*.)
 _MPI_VARIABLES = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPICH's Hydra, Intel MPI
@@ -53,13 +54,12 @@ _MPI_VARIABLES = (
 
 def _mpi_world(env: MutableMapping[str, str]) -> bool:
     """Translate an MPI launcher's rank variables; False when this process was not started by one."""
-    names = next((names for names in _MPI_VARIABLES if names[0] in env and names[1] in env), None)
+    names = next((names for names in _MPI_VARIABLES if all(name in env for name in names[:3])), None)
     if names is None:
         return False
     rank, size, local_rank, local_size = names
-    env["RANK"], env["WORLD_SIZE"] = env[rank], env[size]
     # DeepSpeed's engine asserts that LOCAL_RANK equals OMPI_COMM_WORLD_LOCAL_RANK whenever the latter is set
-    env["LOCAL_RANK"] = env.get(local_rank, "0")
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = env[rank], env[size], env[local_rank]
     if "MASTER_ADDR" not in env:
         if env.get(local_size, env[size]) != env[size]:
             raise SparseDCError(f"{size}={env[size]} ranks over several nodes ({local_size}={env[local_size]}) and "

@@ -85,7 +85,12 @@ def test_rendezvous_env_under_mpi_launchers():
     hydra = {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4", "MASTER_ADDR": "n1"}
     assert setup_env(hydra) == DistEnv(5, 1, 8, "mpi") and hydra["MASTER_ADDR"] == "n1"
     with pytest.raises(SparseDCError, match="OMPI_COMM_WORLD_SIZE=8 ranks over several nodes .*MASTER_ADDR"):
-        setup_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"})
+        setup_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                   "OMPI_COMM_WORLD_LOCAL_SIZE": "4"})
+    # srun --mpi=pmi2 exports PMI_RANK/PMI_SIZE beside SLURM_*, but no local rank: SLURM_LOCALID gives it
+    pmi2 = {"PMI_RANK": "3", "PMI_SIZE": "8", "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3",
+            "SLURM_JOB_NODELIST": "gpu1"}
+    assert setup_env(pmi2) == DistEnv(3, 3, 8, "slurm")
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
