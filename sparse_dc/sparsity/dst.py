@@ -14,7 +14,8 @@ ranks: B = 1: |Σ dL/dW| per entry; blocks with rigl_scores="exact" (default): �
 blocks summed in fp32 by the sampled-dW kernel over the step's backwards and over ranks before the norm (memory:
 see sparse_dc.sparsity.layer); with rigl_scores="norm_sum": Σ ‖dYᵀX‖_F per backward (and rank), exact only for
 one micro-batch on one rank. Regrown units start at 0 and the moments of dropped and grown units are reset
-through the optimizer-state accessor.
+through the optimizer-state accessor; with regrow_optimizer="adamdst" the grown units' per-weight step count of
+the AdamDST optimizer restarts at sparsity.regrow_step.
 
 Identical topology on every rank: SET draws from a generator keyed by (seed, step, layer), RigL's scores are
 all-reduced, and the decided masks are then broadcast from rank 0, so ranks agree even if reductions differ in
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparse_dc.errors import SparseDCError
+from sparse_dc.sparsity.adamdst import ELEMENT_STEP
 from sparse_dc.sparsity.config import SparsityConfig
 from sparse_dc.sparsity.layer import SparseLinear
 from sparse_dc.sparsity.optim_state import OptimizerState, TorchOptimizerState
@@ -38,6 +40,19 @@ from sparse_dc.sparsity.topology import drop_grow, prune_rate_at, unit_generator
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _with_revived(layer: SparseLinear, reset: torch.Tensor, revived: torch.Tensor) -> torch.Tensor:
+    """`set_topology`'s reset plus the units dropped and grown back in the same update (grow_candidates=
+    "dead_after_drop"), which it cannot see (live before and after) but which restart at 0 like any grown unit."""
+    if not bool(revived.any()):
+        return reset
+    if layer.block_size == 1:
+        return reset | revived.to(reset.device)
+    layout = layer.layout  # a revived block keeps its slot: look it up in the new layout
+    slots = torch.full(layout.block_shape, -1, dtype=torch.long, device=layout.device)
+    slots[layout.row_idx.long(), layout.col_idx.long()] = layout.slot.long()
+    return torch.cat([reset, slots[revived.to(layout.device)].to(reset.device)])
 
 
 class DSTEngine:
@@ -58,7 +73,8 @@ class DSTEngine:
 
     # --- schedule ---------------------------------------------------------------------------------------
     def prune_rate(self, step: int) -> float:
-        return prune_rate_at(step, self.cfg.prune_rate, self.stop_step, self.cfg.prune_rate_decay)
+        return prune_rate_at(step, self.cfg.prune_rate, self.stop_step, self.cfg.prune_rate_decay,
+                             self.cfg.min_prune_rate)
 
     def is_update_step(self, step: int) -> bool:
         return (self.cfg.method != "static" and bool(self.layers) and step % self.cfg.update_frequency == 0
@@ -83,16 +99,20 @@ class DSTEngine:
             magnitude = layer.unit_magnitude(self.state.get_param(layer.param).to(old.device))
             grow_score = self._grow_score(layer, step, index)
             n = round(rate * int(old.sum()))
-            new = drop_grow(old, magnitude.to(old.device), grow_score.to(old.device), n)
-            if _distributed():  # rank 0's decision is the decision
-                flat = new.to(torch.uint8)
-                dist.broadcast(flat, src=0)
-                new = flat.bool()
-            reset = layer.set_topology(new)
+            new, grown = drop_grow(old, magnitude.to(old.device), grow_score.to(old.device), n,
+                                   regrow_dropped=self.cfg.grow_candidates == "dead_after_drop")
+            if _distributed():  # rank 0's decision is the decision: 0 dead, 1 kept, 2 grown
+                code = new.to(torch.uint8) + grown.to(torch.uint8)
+                dist.broadcast(code, src=0)
+                new, grown = code > 0, code == 2
+            reset = _with_revived(layer, layer.set_topology(new), grown & old)
             # B = 1: zero the dropped entries in the weight; blocks: zero the grown slots' values. Moments of
             # both reset, so the optimizer neither moves a pruned weight nor carries stale momentum into a
             # regrown one.
             self.state.zero_entries(layer.param, reset)
+            if self.cfg.regrow_optimizer == "adamdst":  # regrown weights restart their per-weight step count
+                restart = grown.to(reset.device) if layer.block_size == 1 else reset
+                self.state.fill_state(layer.param, restart, ELEMENT_STEP, float(self.cfg.regrow_step))
             changed = int((old & ~new).sum())
             self.last_changed[name] = changed / max(1, int(old.sum()))
             self.ever_active[name] |= new.cpu()

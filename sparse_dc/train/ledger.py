@@ -1,11 +1,14 @@
 """The run ledger: one JSON line per finished run, read by the scaling-law toolkit (`sparse-dc law`).
 
-Shared field names (the law toolkit's contract): `name`, `dense_params` (dense-equivalent N in the paper fit's
-convention: every parameter but the input embedding table, see sparse_dc/model/params.py), `active_params` (the
-same over live parameters), `density`, `unique_tokens`, `tokens`, `val_loss`. The rest: raw totals
-(`*_params_total`, embedding included) and non-embedding counts, `epochs` (R = D / U), the validation set
-(`val_tokens`, `val_source`: heldout | prefix, `val_from`), block size, DST method, throughput, wall time, config
-hash, git commit.
+Shared field names (the law toolkit's contract): `name`, `dense_params` and `active_params` (N exactly as the
+paper's fit counts it: every parameter but the input embedding table, and active = dense x the measured live
+fraction of the sparse layers, the LM head included and scaled; see sparse_dc/model/params.py), `density`,
+`unique_tokens`, `tokens` (U and D in sequence slots, the paper's count), `val_loss`. The rest: the physical
+counts (`active_params_physical`: live parameters but the input embedding; raw totals `*_params_total`, embedding
+included; non-embedding counts), `density_measured` (the live fraction), real (unpadded) token counts,
+`val_loss_paper` (the paper code's estimator), `epochs` (R = D / U), the validation set (`val_tokens`,
+`val_source`: heldout | prefix, `val_from`), block size (null for a dense run), DST method, throughput, wall
+time, config hash, git commit.
 
 Appends are one `write()` of a whole line on an O_APPEND descriptor under an exclusive `flock`, so concurrent runs
 sharing a ledger (an array job on one filesystem) never interleave or tear lines. `update_row` changes one row in
@@ -118,7 +121,7 @@ def read_ledger(path: str) -> list[dict[str, Any]]:
 
 
 def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens_per_s: float, wall_time_s: float,
-             steps: int, world_size: int) -> dict[str, Any]:
+             steps: int, world_size: int, val_loss_paper: float | None = None) -> dict[str, Any]:
     """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan."""
     return {
         "name": cfg.name,
@@ -128,17 +131,22 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "unique_tokens": plan.unique_tokens,
         "tokens": plan.total_tokens,
         "val_loss": val_loss,
+        "val_loss_paper": val_loss_paper,
+        "active_params_physical": counts.law_active_physical,
         "dense_params_total": counts.dense,
         "active_params_total": counts.active,
         "dense_params_non_embedding": counts.dense_non_embedding,
         "active_params_non_embedding": counts.active_non_embedding,
-        "density_measured": counts.density,
+        "density_measured": counts.live_fraction,
         "epochs": plan.total_tokens / plan.unique_tokens,
+        "packing": plan.packing,
+        "unique_real_tokens": plan.unique_real_tokens,
+        "real_tokens": plan.total_real_tokens,
         "seq_len": plan.seq_len,
         "val_tokens": plan.val_tokens,  # val_loss was measured on these tokens of:
         "val_source": plan.val_source,  # "heldout" (a separate prepared set) or "prefix" (carved off the corpus)
         "val_from": plan.val_from,
-        "block_size": cfg.sparsity.block_size,
+        "block_size": cfg.sparsity.block_size if cfg.sparsity.sparse else None,
         "dst_method": cfg.sparsity.method if cfg.sparsity.sparse else "dense",
         "model_preset": cfg.model.preset,
         "global_batch": cfg.train.global_batch,

@@ -1,5 +1,6 @@
 """DST under DeepSpeed ZeRO 1/2/3 on 2 CPU ranks (gloo): identical topology on every rank although each rank sees
-different data, regrown/dropped units' fp32 weights and Adam moments exactly zero after updates, pruned entries
+different data, regrown/dropped units' fp32 weights and Adam moments exactly zero after updates (AdamDST's
+per-weight step restarted for regrown ones), pruned entries
 still zero after further steps, the accessor working after load_checkpoint (the 0.19.8 post-load bug), and block
 RigL growing what the dense gradient summed over both ranks' micro-batches says. One torchrun launch serves all."""
 import json
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "dst_zero_worker.py")
-ZERO_CASES = {f"zero{s}-{case}" for s in (1, 2, 3) for case in ("B1-rigl", "B32-rigl", "B32-set")}
+ZERO_CASES = {f"zero{s}-{case}" for s in (1, 2, 3) for case in ("B1-rigl", "B32-rigl", "B32-set", "B1-set-adamdst")}
 
 
 def _free_port() -> int:
@@ -45,6 +46,15 @@ def test_topology_identical_and_moments_reset_under_zero(ranks):
         assert r0["reset_zero"] and r1["reset_zero"], f"{key}: regrown weights or moments not zero"
         assert r0["pruned_zero"] and r1["pruned_zero"], f"{key}: pruned weights moved"
         assert r0["live"] == r1["live"]
+
+
+@pytest.mark.slow
+def test_adamdst_restarts_the_per_weight_step_of_regrown_weights_under_zero(ranks):
+    """The paper recipe's optimizer state under ZeRO 1/2/3: regrown entries (just-dropped ones included) restart
+    their AdamDST step count at regrow_step, every other entry keeps counting, on both ranks."""
+    for stage in (1, 2, 3):
+        key = f"zero{stage}-B1-set-adamdst"
+        assert ranks[0][key]["steps_ok"] and ranks[1][key]["steps_ok"], key
 
 
 @pytest.mark.slow
