@@ -31,11 +31,12 @@ def test_exact_token_accounting(prepared):
     assert all_samples(b).size == plan.total_tokens == plan.total_samples * 64
     d = budget(prepared, epochs=None, total_tokens=64 * 400)
     assert d.plan.total_samples == 400 and all_samples(d).size == 64 * 400
-    # The tokens seen are exactly the pool's first n*L tokens: the pool is read straight from the stream.
-    pool = np.empty(plan.unique_sequences * 64, np.int64)
-    b.stream.read(plan.train_start, pool)
-    seen = b.read_sequences(np.arange(plan.unique_sequences)).reshape(-1)
-    np.testing.assert_array_equal(seen, pool)
+    # The tokens training reads in the first epoch are exactly the pool's first n*L tokens, in some order.
+    n = plan.unique_sequences
+    pool = b.stream.read(plan.train_start, np.empty(n * 64, np.int64)).reshape(n, 64)
+    first_epoch = b.micro_batch(0, n)["tokens"].numpy()
+    np.testing.assert_array_equal(first_epoch, pool[b.sequence_ids(np.arange(n))])
+    np.testing.assert_array_equal(b.read_sequences(np.arange(n)), pool)
 
 
 def test_each_sequence_repeats_floor_or_ceil_of_R(prepared):
@@ -64,7 +65,8 @@ def test_validation_is_disjoint_and_cut_at_a_document_boundary(prepared):
     assert b.plan.train_start in set(stream.doc_ends.tolist())  # no document is split between the two sets
     val = b.validation_batch(np.arange(b.validation_sequences()))
     assert val.size == b.validation_sequences() * 64 <= b.plan.val_tokens
-    assert val.reshape(-1)[-1] != -1
+    # validation is the stream's first positions, every one before the pool's first
+    np.testing.assert_array_equal(val.reshape(-1), stream.read(0, np.empty(val.size, np.int64)))
     # the pool never reads below train_start
     first = b.read_sequences(np.array([0]))
     expect = np.empty(64, np.int64)

@@ -1,0 +1,186 @@
+"""Mutation testing of the core modules, one module at a time against its own tests (mutmut).
+
+    python benchmarks/mutation.py                      # every module below, one after another (hours on 2 cores)
+    python benchmarks/mutation.py data/loader          # one module
+    python benchmarks/mutation.py --list               # the modules and the tests each one runs
+    nice -n 10 python benchmarks/mutation.py scaling/forms > mutation.log 2>&1 &   # on a shared machine
+
+mutmut changes one thing in a function (an operator, a constant, a comparison, a returned value...) and runs the
+tests that call that function; a mutant the tests still pass ("survived") is a bug the suite would not catch. Each
+module is run in a scratch copy of the package (`.mutation/<module>/`, git-ignored; `kernels/` laid in as
+`sparse_dc/kernels` as the installed package has it), with only the test files listed in MODULES below, so a module
+costs minutes rather than the whole suite per mutant. Modules are tested through in-process tests (a subprocess
+would import the installed package, not the mutant).
+
+Results: benchmarks/results/mutation/<module>.json (counts and every surviving mutant's diff) and the table
+benchmarks/results/mutation.md. The score counts killed and timed-out mutants over all tested ones, less those
+listed in EQUIVALENT (mutants that cannot change behaviour, each with the reason). Not part of CI: too slow; the
+tests written to kill mutants are.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "mutation")
+SCRATCH = os.path.join(ROOT, ".mutation")
+
+# module (under sparse_dc/, or kernels/ for kernels/...) -> the test files that are its own tests
+MODULES: dict[str, list[str]] = {
+    "data/loader": ["tests/data/test_loader.py", "tests/data/test_loader_documents.py",
+                    "tests/data/test_loader_properties.py"],
+    "data/shards": ["tests/data/test_loader.py", "tests/data/test_prepare_errors.py", "tests/data/test_shards.py"],
+    "sparsity/topology": ["tests/sparsity/test_sparsity_dst.py", "tests/sparsity/test_sparsity_recipe.py",
+                          "tests/sparsity/test_sparsity_properties.py"],
+    "sparsity/dst": ["tests/sparsity/test_sparsity_dst.py", "tests/sparsity/test_sparsity_recipe.py"],
+    "sparsity/layer": ["tests/sparsity/test_sparsity_layer.py", "tests/sparsity/test_sparsity_dst.py"],
+    "kernels/layout": ["tests/kernels/test_kernel_layout.py", "tests/kernels/test_kernel_reference.py",
+                       "tests/kernels/test_layout_properties.py"],
+    "train/config": ["tests/train/test_train_units.py", "tests/train/test_train_single.py", "tests/test_config.py",
+                     "tests/train/test_train_config.py"],
+    "train/checkpoint": ["tests/train/test_train_checkpoint.py"],
+    "scaling/forms": ["tests/scaling/test_forms.py", "tests/scaling/test_fit.py"],
+    "scaling/fit": ["tests/scaling/test_fit.py", "tests/scaling/test_forms.py"],
+    "scaling/uncertainty": ["tests/scaling/test_uncertainty.py"],
+}
+
+# Mutants that cannot change behaviour, by mutmut name: the reason is committed with the score.
+EQUIVALENT: dict[str, dict[str, str]] = {}
+
+
+def source_path(module: str) -> str:
+    """Path of a module inside the scratch copy (the installed package's layout)."""
+    return f"sparse_dc/{module}.py"
+
+
+def lay_out(module: str, tests: list[str]) -> str:
+    """A fresh scratch copy for `module`: the package (kernels inside it), the tests, pytest.ini, mutmut's config."""
+    work = os.path.join(SCRATCH, module.replace("/", "."))
+    shutil.rmtree(work, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(os.path.join(ROOT, "sparse_dc"), os.path.join(work, "sparse_dc"), ignore=ignore)
+    shutil.copytree(os.path.join(ROOT, "kernels"), os.path.join(work, "sparse_dc", "kernels"), ignore=ignore)
+    shutil.copytree(os.path.join(ROOT, "tests"), os.path.join(work, "tests"), ignore=ignore)
+    for name in ("pytest.ini", "launch"):
+        src = os.path.join(ROOT, name)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(work, name))
+    selection = "\n    ".join(t for t in tests if os.path.exists(os.path.join(ROOT, t)))
+    with open(os.path.join(work, "setup.cfg"), "w", encoding="utf-8") as fh:
+        fh.write(f"""[mutmut]
+source_paths = sparse_dc
+only_mutate = {source_path(module)}
+also_copy =
+    launch
+    pytest.ini
+pytest_add_cli_args_test_selection =
+    {selection}
+pytest_add_cli_args =
+    -p
+    no:cacheprovider
+timeout_multiplier = 5.0
+timeout_constant = 30.0
+""")
+    return work
+
+
+def run_module(module: str, children: int) -> dict:
+    tests = MODULES[module]
+    work = lay_out(module, tests)
+    # mutmut puts mutants/ first on sys.path itself (a PYTHONPATH entry for it, cached by the import system before
+    # the folder is filled, would let the installed package win)
+    env = dict(os.environ, TMPDIR=os.path.join(work, "tmp"))
+    os.makedirs(env["TMPDIR"], exist_ok=True)
+    start = time.perf_counter()
+    proc = subprocess.run(["mutmut", "run", "--max-children", str(children)], cwd=work, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(work, "mutmut-run.log"), "w", encoding="utf-8") as fh:
+        fh.write(proc.stdout)
+    subprocess.run(["mutmut", "export-cicd-stats"], cwd=work, env=env, check=True, capture_output=True)
+    with open(os.path.join(work, "mutants", "mutmut-cicd-stats.json"), encoding="utf-8") as fh:
+        counts = json.load(fh)
+    listing = subprocess.run(["mutmut", "results", "--all", "true"], cwd=work, env=env, text=True,
+                             capture_output=True).stdout
+    status = {}
+    for line in listing.splitlines():
+        name, sep, verdict = line.strip().rpartition(": ")
+        if sep and "__mutmut_" in name:
+            status[name] = verdict
+    equivalent = EQUIVALENT.get(module, {})
+    survivors = {}
+    for name, verdict in sorted(status.items()):
+        if verdict in ("survived", "no tests") and name not in equivalent:
+            diff = subprocess.run(["mutmut", "show", name], cwd=work, env=env, text=True, capture_output=True).stdout
+            survivors[name] = {"status": verdict, "diff": diff.strip()}
+    killed = sum(v in ("killed", "timeout") for v in status.values())
+    tested = len(status)
+    scored = tested - sum(n in status for n in equivalent)
+    result = {"module": module, "tests": tests, "mutants": tested, "killed": killed,
+              "equivalent": {n: r for n, r in equivalent.items() if n in status},
+              "survived": len(survivors), "score": round(killed / scored, 4) if scored else None,
+              "raw_counts": counts, "seconds": round(seconds, 1), "survivors": survivors,
+              "mutmut_exit": proc.returncode}
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, module.replace("/", ".") + ".json"), "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+        fh.write("\n")
+    return result
+
+
+def write_table() -> str:
+    rows = []
+    for module in MODULES:
+        path = os.path.join(RESULTS, module.replace("/", ".") + ".json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                r = json.load(fh)
+            score = f"{100 * r['score']:.1f}%" if r["score"] is not None else "-"
+            rows.append(f"| {module} | {r['mutants']} | {r['killed']} | {len(r['equivalent'])} | {r['survived']} | "
+                        f"{score} | {r['seconds'] / 60:.0f} |")
+        else:
+            rows.append(f"| {module} | not run | | | | | |")
+    lines = ["# Mutation scores (mutmut, each module against its own tests)", "",
+             "Score = (killed + timed out) / (mutants - equivalent). Survivors and the reasons for equivalent mutants: "
+             "`mutation/<module>.json`. Re-run: `python benchmarks/mutation.py MODULE` (README, Development).", "",
+             "| module | mutants | killed | equivalent | survived | score | minutes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, ""]
+    text = "\n".join(lines)
+    with open(os.path.join(ROOT, "benchmarks", "results", "mutation.md"), "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"modules to mutate (default: all of {', '.join(MODULES)})")
+    parser.add_argument("--children", type=int, default=1, help="mutants tested in parallel (default 1)")
+    parser.add_argument("--list", action="store_true", help="print the modules and their tests, then exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for module, tests in MODULES.items():
+            print(f"{module}: {' '.join(tests)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        print(f"module {unknown[0]!r} is not one of: {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    if shutil.which("mutmut") is None:
+        print('mutmut is not installed: pip install -c requirements/ci.txt -e ".[dev]"', file=sys.stderr)
+        return 2
+    for module in args.modules or list(MODULES):
+        r = run_module(module, args.children)
+        score = f"{100 * r['score']:.1f}%" if r["score"] is not None else "-"
+        print(f"{module}: {r['killed']}/{r['mutants']} killed, {len(r['equivalent'])} equivalent, "
+              f"{r['survived']} survived: {score} ({r['seconds'] / 60:.1f} min)", flush=True)
+    print(write_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
