@@ -112,18 +112,21 @@ class SparseDataConstrained(LawForm):
         log_un = np.minimum(log_n, (1 + beta / alpha) * log_g + (beta / alpha) * log_u)
         r_n = np.expm1(log_n - log_un)  # R_N = N / U_N - 1 >= 0
         r_d = np.maximum(tokens / unique - 1.0, 0.0)  # R_D = max(D / U - 1, 0), the official definition
-        rn_star = np.maximum(p["g1"] * (1 + s * p["c11"] - p["c21"] * s ** 2), _RSTAR_FLOOR)
-        rd_star = np.maximum(p["g2"] * (1 + s * p["c12"] - p["c22"] * s ** 2), _RSTAR_FLOOR)
+        rn_star, rd_star = (np.maximum(r, _RSTAR_FLOOR) for r in _half_lives(p, s))
         # N_eff = U_N (1 + R_N* (1 - exp(-R_N / R_N*))), likewise D_eff with U: in logs, via log1p / expm1
         log_neff = log_un + np.log1p(-rn_star * np.expm1(-r_n / rn_star))
         log_deff = log_u + np.log1p(-rd_star * np.expm1(-r_d / rd_star))
         return a + log_f - alpha * log_neff, b - beta * log_deff, e + 0.0 * log_u
 
-    def repetition_half_lives(self, p: Params, density: Any) -> tuple[np.ndarray, np.ndarray]:
-        """(R_N*(S), R_D*(S)): the epochs-beyond-the-first scale at which repeated parameters/data decay."""
-        p = {**self.fixed, **p}
-        s = 1.0 - np.asarray(density, float)
-        return (p["g1"] * (1 + s * p["c11"] - p["c21"] * s ** 2), p["g2"] * (1 + s * p["c12"] - p["c22"] * s ** 2))
+    def repetition_half_lives(self, p: Params, density: Any) -> tuple[Any, Any]:
+        """(R_N*(S), R_D*(S)): the epochs-beyond-the-first scale at which repeated parameters/data decay (the law
+        itself floors them at _RSTAR_FLOOR while fitting)."""
+        return _half_lives({**self.fixed, **p}, 1.0 - np.asarray(density, float))
+
+
+def _half_lives(p: Params, s: Any) -> tuple[Any, Any]:
+    """R_N* = g1 (1 + c11 s - c21 s^2) and R_D* = g2 (1 + c12 s - c22 s^2) at sparsity s = 1 - S: quadratic in s."""
+    return p["g1"] * (1 + s * p["c11"] - p["c21"] * s ** 2), p["g2"] * (1 + s * p["c12"] - p["c22"] * s ** 2)
 
 
 class Chinchilla(LawForm):

@@ -127,3 +127,26 @@ def test_unknown_form_and_preset_are_one_line_errors():
         find_preset("nope")
     with pytest.raises(SparseDCError, match="missing"):
         get_form("paper").check_params({"a": 1.0})
+
+
+def test_paper_preset_is_the_published_coefficients():
+    """The numbers of scaling-law.md's "Published coefficients", typed here, not read from the code under test."""
+    published = {"a": 5.24073718, "b": 6.10303089, "e": 0.85355013, "alpha": 0.32682177, "eps": -0.00968044,
+                 "mu": 0.84661793, "c": -0.27288932, "g1": 11.08763712, "g2": 4.40474882, "c11": 1.90420893,
+                 "c12": 1.82159486, "c21": 2.79936732, "c22": 1.36557887}
+    assert get_form("paper").preset("paper") == published == PAPER
+    assert find_preset("paper")[1] == published
+
+
+@pytest.mark.parametrize("S", [1.0, 0.5, 0.25, 0.0625])
+def test_repetition_half_lives_are_the_published_quadratics(S):
+    """R_N*(S), R_D*(S) (they go into the reproduce report) against the formula with the published numbers typed
+    out: a sign or coefficient slip in either quadratic changes them."""
+    s = 1 - S
+    rn = 11.08763712 * (1 + 1.90420893 * s - 2.79936732 * s * s)
+    rd = 4.40474882 * (1 + 1.82159486 * s - 1.36557887 * s * s)
+    got_n, got_d = get_form("paper").repetition_half_lives(PAPER, np.array([S]))
+    assert (got_n[0], got_d[0]) == (pytest.approx(rn, rel=1e-14), pytest.approx(rd, rel=1e-14))
+    # a reduced form's fixed coefficients count: Muennighoff's half-lives do not depend on density
+    mn, md = get_form("muennighoff").repetition_half_lives(MUENNIGHOFF, np.array([S]))
+    assert (mn[0], md[0]) == (pytest.approx(MUENNIGHOFF["g1"]), pytest.approx(MUENNIGHOFF["g2"]))

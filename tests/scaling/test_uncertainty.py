@@ -69,3 +69,30 @@ def test_holdout_fits_small_runs_and_scores_large_ones(train_runs, noise):
     assert report["n_test"] == len(large) and report["mape"] < 3 * noise
     with pytest.raises(FitError, match="holdout-above"):
         holdout_split(train_runs, 1e12)
+
+
+def test_resampling_draws_within_each_stratum_with_replacement(train_runs):
+    """Every resample keeps each stratum's run count and draws only that stratum's runs; resamples differ by seed
+    and repeat for a seed."""
+    from sparse_dc.scaling.fit import stage_masks
+    from sparse_dc.scaling.forms import get_form
+    from sparse_dc.scaling.uncertainty import _resample
+
+    labels = strata(train_runs, "paper")
+    patterns = np.stack(stage_masks(get_form("paper"), train_runs)).T  # (runs, stages) membership
+    for g in np.unique(labels):  # a label is exactly one pattern of stage membership
+        assert len(np.unique(patterns[labels == g], axis=0)) == 1
+    assert len(np.unique(patterns, axis=0)) == len(np.unique(labels))
+    draws = []
+    for seed in range(5):
+        index = _resample(labels, np.random.default_rng(seed))
+        assert len(index) == len(labels)
+        np.testing.assert_array_equal(np.bincount(labels[index]), np.bincount(labels))
+        assert len(np.unique(index)) < len(index)  # with replacement
+        draws.append(index)
+    assert not np.array_equal(draws[0], draws[1])
+    np.testing.assert_array_equal(_resample(labels, np.random.default_rng(0)), draws[0])
+    # a small stratum is never emptied or swamped: here stratum 1 has 2 runs among 10
+    small = np.array([0] * 8 + [1] * 2)
+    for seed in range(20):
+        assert np.bincount(small[_resample(small, np.random.default_rng(seed))]).tolist() == [8, 2]
