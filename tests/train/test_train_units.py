@@ -1,14 +1,12 @@
-"""In-process checks of the pieces without DeepSpeed: checkpoint completeness, ledger appends under concurrency,
-the generated DeepSpeed JSON."""
+"""In-process checks of the pieces without DeepSpeed: checkpoint completeness, ledger appends under concurrency
+(the generated DeepSpeed JSON: test_train_config.py)."""
 import json
 import multiprocessing as mp
 
 import numpy as np
 import pytest
 
-from sparse_dc.config.base import ConfigError
 from sparse_dc.train.checkpoint import MARKER, Checkpointer, complete_checkpoints
-from sparse_dc.train.config import TrainConfig
 from sparse_dc.train.ledger import SHARED_FIELDS, append_row, read_ledger
 from train_harness import run_in_processes
 
@@ -47,19 +45,6 @@ def test_ledger_appends_from_many_processes_never_tear(tmp_path):
 def test_ledger_row_needs_the_shared_fields(tmp_path):
     with pytest.raises(Exception, match="val_loss"):
         append_row(str(tmp_path / "l.jsonl"), {f: 1 for f in SHARED_FIELDS if f != "val_loss"})
-
-
-def test_deepspeed_json_is_generated_from_the_config():
-    extra = {"zero_optimization": {"stage3_max_live_parameters": 7}}
-    cfg = TrainConfig.from_dict({"micro_batch": 2, "global_batch": 16, "precision": "bf16", "grad_clip": 0.5,
-                                 "deepspeed": {"zero_stage": 3, "extra": extra}})
-    ds = cfg.deepspeed_config(world_size=4)
-    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
-    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_max_live_parameters"] == 7
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 0.5
-    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
-    with pytest.raises(ConfigError, match="micro_batch x world size = 2 x 3"):
-        cfg.deepspeed_config(world_size=3)
 
 
 def _record_many(path: str, worker: int) -> None:
