@@ -63,7 +63,8 @@ class SparseDCLM(TemplateLM):
         file (default: the run's, from its prepared data directory); other harness arguments are ignored."""
         super().__init__()
         from sparse_dc.data.tokenizer import load_tokenizer_bytes, processor_from_bytes
-        from sparse_dc.train.export import find_tokenizer, load_model, resolve_checkpoint, run_config
+        from sparse_dc.train.checkpoint import resolve_checkpoint, run_config
+        from sparse_dc.train.export import find_tokenizer, load_model
 
         if dtype not in _DTYPES:
             raise SparseDCError(f"dtype={dtype!r}: expected one of {', '.join(_DTYPES)}")

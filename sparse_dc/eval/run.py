@@ -41,7 +41,8 @@ class Source:
 
 
 def resolve_source(path: str) -> Source:
-    from sparse_dc.train.export import RUN_RECORD, resolve_checkpoint, run_record
+    from sparse_dc.train.checkpoint import resolve_checkpoint, run_record
+    from sparse_dc.train.export import RUN_RECORD
 
     path = os.path.abspath(path)
     if not os.path.isdir(path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -37,9 +38,11 @@ import torch
 import torch.distributed as dist
 
 from sparse_dc.config.base import write_text_atomic
+from sparse_dc.config.run import RunConfig
 from sparse_dc.errors import SparseDCError, disk_full, is_disk_full
 from sparse_dc.train import reshard
 
+log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 CORRUPT_SUFFIX = ".corrupt"
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -142,6 +145,42 @@ def tag_problem(tag_dir: str, rank: int = 0, world_size: int = 1) -> str | None:
         if problem:
             return problem
     return None
+
+
+# --- finding a checkpoint (export, eval and `sparse-dc reshard` name one by its run folder) ----------------
+def resolve_checkpoint(path: str) -> tuple[str, str]:
+    """A run folder, its checkpoints/ folder or one step_* tag -> (checkpoints folder, tag) of a complete one whose
+    files match their COMPLETE record (the newest such tag of a folder; a named tag must be intact)."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, MARKER)):
+        problem = tag_problem(path)
+        if problem:
+            raise SparseDCError(f"--checkpoint {path} is damaged ({problem}): expected an intact checkpoint")
+        return os.path.dirname(path), os.path.basename(path)
+    for root in (os.path.join(path, "checkpoints"), path):
+        found = complete_checkpoints(root)
+        for step, tag in reversed(found):
+            problem = tag_problem(os.path.join(root, tag))
+            if problem is None:
+                return root, tag
+            log.warning("checkpoint %s is damaged (%s): trying the one before it", tag, problem)
+        if found:
+            raise SparseDCError(f"--checkpoint {path}: every complete checkpoint in {root} is damaged: expected an "
+                                "intact one (its files matching its COMPLETE record)")
+    raise SparseDCError(f"--checkpoint {path}: expected a run folder, its checkpoints/ folder or a step_* folder "
+                        "holding a complete checkpoint (one with a COMPLETE marker)")
+
+
+def run_config(root: str, tag: str) -> RunConfig:
+    """The RunConfig the checkpoint was written under."""
+    return RunConfig.from_dict(read_marker(os.path.join(root, tag))["config"])
+
+
+def run_record(root: str, tag: str) -> dict[str, Any]:
+    """Which run and step a checkpoint is, and the ledger its row went to (`name` and `config_hash` find it)."""
+    marker = read_marker(os.path.join(root, tag))
+    cfg = RunConfig.from_dict(marker["config"])
+    return {"name": cfg.name, "config_hash": cfg.fingerprint(), "ledger": cfg.train.ledger, "step": marker["step"]}
 
 
 def _gather(value: Any, world_size: int) -> list[Any]:

@@ -33,7 +33,7 @@ def reshard_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.workers < 1:
         raise SparseDCError(f"--workers={args.workers}: expected an integer >= 1")
-    from sparse_dc.train.export import resolve_checkpoint
+    from sparse_dc.train.checkpoint import resolve_checkpoint
     from sparse_dc.train.reshard import convert_to_universal
 
     root, tag = resolve_checkpoint(args.checkpoint)

@@ -20,57 +20,16 @@ import logging
 import os
 import shutil
 import struct
-from typing import Any
 
 import torch
 
 from sparse_dc.config.run import RunConfig
 from sparse_dc.errors import SparseDCError
+from sparse_dc.train.checkpoint import read_marker, resolve_checkpoint, run_config, run_record
 
 log = logging.getLogger(__name__)
 RUN_RECORD = "sparse_dc_run"  # config.json key naming the run an export came from (its scores join that ledger row)
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """A run folder, its checkpoints/ folder or one step_* tag -> (checkpoints folder, tag) of a complete one whose
-    files match their COMPLETE record (the newest such tag of a folder; a named tag must be intact)."""
-    from sparse_dc.train.checkpoint import MARKER, complete_checkpoints, tag_problem
-
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, MARKER)):
-        problem = tag_problem(path)
-        if problem:
-            raise SparseDCError(f"--checkpoint {path} is damaged ({problem}): expected an intact checkpoint")
-        return os.path.dirname(path), os.path.basename(path)
-    for root in (os.path.join(path, "checkpoints"), path):
-        found = complete_checkpoints(root)
-        for step, tag in reversed(found):
-            problem = tag_problem(os.path.join(root, tag))
-            if problem is None:
-                return root, tag
-            log.warning("checkpoint %s is damaged (%s): trying the one before it", tag, problem)
-        if found:
-            raise SparseDCError(f"--checkpoint {path}: every complete checkpoint in {root} is damaged: expected an "
-                                "intact one (its files matching its COMPLETE record)")
-    raise SparseDCError(f"--checkpoint {path}: expected a run folder, its checkpoints/ folder or a step_* folder "
-                        "holding a complete checkpoint (one with a COMPLETE marker)")
-
-
-def run_config(root: str, tag: str) -> RunConfig:
-    """The RunConfig the checkpoint was written under."""
-    from sparse_dc.train.checkpoint import read_marker
-
-    return RunConfig.from_dict(read_marker(os.path.join(root, tag))["config"])
-
-
-def run_record(root: str, tag: str) -> dict[str, Any]:
-    """Which run and step a checkpoint is, and the ledger its row went to (`name` and `config_hash` find it)."""
-    from sparse_dc.train.checkpoint import read_marker
-
-    marker = read_marker(os.path.join(root, tag))
-    cfg = RunConfig.from_dict(marker["config"])
-    return {"name": cfg.name, "config_hash": cfg.fingerprint(), "ledger": cfg.train.ledger, "step": marker["step"]}
 
 
 def load_model(root: str, tag: str) -> torch.nn.Module:
@@ -78,7 +37,6 @@ def load_model(root: str, tag: str) -> torch.nn.Module:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from sparse_dc.model import build_model
-    from sparse_dc.train.checkpoint import read_marker
 
     marker = read_marker(os.path.join(root, tag))
     cfg = RunConfig.from_dict(marker["config"])

@@ -9,7 +9,8 @@ from eval_tasks import ITEMS, TASK
 from sparse_dc.data.tokenizer import load_tokenizer_bytes, processor_from_bytes
 from sparse_dc.eval.config import EvalConfig
 from sparse_dc.eval.run import evaluate, hf_model
-from sparse_dc.train.export import load_model, resolve_checkpoint, run_config
+from sparse_dc.train.checkpoint import resolve_checkpoint, run_config
+from sparse_dc.train.export import load_model
 
 pytestmark = pytest.mark.slow
 

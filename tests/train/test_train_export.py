@@ -10,7 +10,8 @@ from sparse_dc.cli import main as sparse_dc_main
 from sparse_dc.data.corpus import builtin_documents
 from sparse_dc.data.tokenizer import processor_from_bytes
 from sparse_dc.errors import SparseDCError
-from sparse_dc.train.export import export, load_model, resolve_checkpoint, run_config
+from sparse_dc.train.checkpoint import resolve_checkpoint, run_config
+from sparse_dc.train.export import export, load_model
 
 pytestmark = pytest.mark.slow
 
