@@ -101,3 +101,62 @@ def test_override_text_is_parsed_by_the_field_type():
 
     cfg = Outer(inner=Inner()).with_overrides(["inner.preset=20m", "inner.size=20m", "inner.maybe=null"])
     assert cfg.inner.preset == "20m" and cfg.inner.size == 20_000_000 and cfg.inner.maybe is None
+
+
+# The fields a run may change between a checkpoint and its resume: logging, evaluation and checkpoint cadence,
+# where the run and its ledger live, how shards are verified and read. Pinned here so that marking a field that
+# shapes the loss (or forgetting to mark a cosmetic one) is a visible change.
+NOT_RESULTS = {"output_dir", "data.num_workers", "data.verify", "train.log_interval", "train.eval_interval",
+               "train.eval_sequences", "train.checkpoint_interval", "train.keep_checkpoints", "train.save_final",
+               "train.stop_at_step", "train.ledger", "train.tensorboard", "train.wandb", "train.progress",
+               "train.peak_flops", "train.verify_replicas"}
+
+
+def leaf_fields(cls, prefix=""):
+    """(dotted name, type hint, affects results) of every field of a config tree; a marked section is one leaf."""
+    import dataclasses
+    import typing
+
+    from sparse_dc.config.base import AFFECTS_RESULTS, Config
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name, hint, affects = prefix + f.name, hints[f.name], f.metadata.get(AFFECTS_RESULTS, True)
+        if affects and isinstance(hint, type) and issubclass(hint, Config):
+            yield from leaf_fields(hint, name + ".")
+        else:
+            yield name, hint, affects
+
+
+def another_value(hint, value):
+    """A different value of the field's type (what an override could set)."""
+    import typing
+
+    from sparse_dc.config.base import Config
+
+    options = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return next(o for o in options if o != value)
+    if type(None) in options:  # X | None
+        inner = next(o for o in options if o is not type(None))
+        return {int: 1, float: 0.5, str: "x"}[inner] if value is None else another_value(inner, value)
+    if isinstance(hint, type) and issubclass(hint, Config):  # a whole marked section (train.wandb)
+        return {**value, "project": value["project"] + "x"}
+    return {bool: lambda: not value, int: lambda: value + 1, float: lambda: value + 0.5, str: lambda: value + "x",
+            list: lambda: [*value, 0.5], dict: lambda: {**value, "k": 1}}[type(value)]()
+
+
+def test_resume_fingerprint_ignores_exactly_the_fields_marked_as_not_affecting_results():
+    base = RunConfig()
+    marked = {name for name, _, affects in leaf_fields(RunConfig) if not affects}
+    assert marked == NOT_RESULTS
+    for name, hint, affects in leaf_fields(RunConfig):
+        data = base.to_dict()
+        *path, leaf = name.split(".")
+        node = data
+        for part in path:
+            node = node[part]
+        node[leaf] = another_value(hint, node[leaf])
+        changed = RunConfig.from_dict(data)
+        assert changed.fingerprint() != base.fingerprint(), name  # the ledger's hash sees every field
+        assert (changed.fingerprint(results_only=True) != base.fingerprint(results_only=True)) == affects, name

@@ -7,6 +7,7 @@ rejected with a message naming the dotted field, the value, and what was expecte
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -153,6 +154,15 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+AFFECTS_RESULTS = "affects_results"  # field metadata key; absent means True
+
+
+def does_not_affect_results(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that changes how a run is logged, checkpointed or where it lives, never what it computes: it
+    is left out of `fingerprint(results_only=True)`, so a run may resume with another value of it."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={AFFECTS_RESULTS: False})
+
+
 @dataclasses.dataclass(kw_only=True)
 class Config:
     """Base of every config section. Subclasses are `@dataclass(kw_only=True)` and override `validate`."""
@@ -201,9 +211,20 @@ class Config:
             where = f"{path}.{name}" if path else name
             raise ConfigError(f"{where}={getattr(self, name)!r}: expected {expected}")
 
-    def fingerprint(self) -> str:
-        """sha256 of the canonical JSON form: the config hash recorded in checkpoints and the ledger."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+    def results_dict(self) -> dict[str, Any]:
+        """`to_dict()` without the fields marked `does_not_affect_results` (at every level)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get(AFFECTS_RESULTS, True):
+                value = getattr(self, f.name)
+                out[f.name] = value.results_dict() if isinstance(value, Config) else copy.deepcopy(value)
+        return out
+
+    def fingerprint(self, results_only: bool = False) -> str:
+        """sha256 of the canonical JSON form: the whole config (the ledger's `config_hash`), or with
+        `results_only` only the fields that shape the results (the resume fingerprint checkpoints record)."""
+        data = self.results_dict() if results_only else self.to_dict()
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

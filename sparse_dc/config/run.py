@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparse_dc.config.base import Config, ConfigError
+from sparse_dc.config.base import Config, ConfigError, does_not_affect_results
 from sparse_dc.data.config import DataConfig
 from sparse_dc.model.config import ModelConfig
 from sparse_dc.sparsity.config import SparsityConfig
@@ -23,7 +23,7 @@ from sparse_dc.train.config import TrainConfig
 class RunConfig(Config):
     name: str = "run"
     """Run name: the folder under `output_dir` and the ledger row's `name`."""
-    output_dir: str = "runs"
+    output_dir: str = does_not_affect_results("runs")
     """Where run folders (checkpoints, metrics.jsonl, tensorboard) are created."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

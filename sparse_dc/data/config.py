@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sparse_dc.config.base import Config
+from sparse_dc.config.base import Config, does_not_affect_results
 
 
 @dataclass(kw_only=True)
@@ -27,9 +27,9 @@ class DataConfig(Config):
     """Held-out validation tokens, carved out before the unique pool and never trained on."""
     seed: int = 1234
     """Seeds the per-epoch permutations of the unique sequences: epoch e uses (seed, e)."""
-    verify: Literal["checksum", "size"] = "checksum"
+    verify: Literal["checksum", "size"] = does_not_affect_results("checksum")
     """How shards are checked against the manifest at load: full sha256, or byte size + Arrow lengths only."""
-    num_workers: int = 0
+    num_workers: int = does_not_affect_results(0)
     """torch DataLoader worker processes per rank (0 reads in the training process)."""
 
     def validate(self, path: str = "") -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sparse_dc.config.base import write_text_atomic
+from sparse_dc.config.base import ConfigError, write_text_atomic
 from sparse_dc.config.run import RunConfig
 from sparse_dc.errors import SparseDCError, disk_full, is_disk_full
 from sparse_dc.train import reshard
@@ -183,6 +183,18 @@ def run_record(root: str, tag: str) -> dict[str, Any]:
     return {"name": cfg.name, "config_hash": cfg.fingerprint(), "ledger": cfg.train.ledger, "step": marker["step"]}
 
 
+def saved_setting(marker: dict[str, Any], key: str) -> Any:
+    """A COMPLETE record's `key`. The resume fingerprint is recomputed from the config the record stores, so the
+    check follows the config fields' `does_not_affect_results` marks as they are now (a checkpoint written before a
+    field was marked still resumes); a config this version cannot read falls back to the recorded value."""
+    if key == "resume_fingerprint" and isinstance(marker.get("config"), dict):
+        try:
+            return RunConfig.from_dict(marker["config"]).fingerprint(results_only=True)
+        except ConfigError:
+            pass
+    return marker.get(key)
+
+
 def _gather(value: Any, world_size: int) -> list[Any]:
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         out: list[Any] = [None] * world_size
@@ -283,9 +295,10 @@ class Checkpointer:
         tag_dir = os.path.join(self.dir, tag)
         marker = read_marker(tag_dir)
         for key, value in expect.items():
-            if marker.get(key) != value:
-                raise ResumeError(f"checkpoint {tag_dir} has {key}={marker.get(key)!r} but this run has {value!r}: "
-                                  f"expected the same setting to resume (use a new run name to start over)")
+            saved = saved_setting(marker, key)
+            if saved != value:
+                raise ResumeError(f"checkpoint {tag_dir} has {key}={saved!r} but this run has {value!r}: expected the "
+                                  "same setting to resume (use a new run name to start over)")
         saved_world = int(marker["world_size"])
         try:
             client_state = self._load_states(engine, tag, saved_world, int(marker["step"]))

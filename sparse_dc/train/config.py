@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sparse_dc.config.base import Config, ConfigError
+from sparse_dc.config.base import Config, ConfigError, does_not_affect_results
 
 
 @dataclass(kw_only=True)
@@ -150,33 +150,33 @@ class TrainConfig(Config):
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    log_interval: int = 10
+    log_interval: int = does_not_affect_results(10)
     """Optimizer steps between metric records (metrics.jsonl, TensorBoard, progress bar postfix)."""
-    eval_interval: int = 500
+    eval_interval: int = does_not_affect_results(500)
     """Optimizer steps between validation passes (0 = only at the end)."""
-    eval_sequences: int | None = None
+    eval_sequences: int | None = does_not_affect_results(None)
     """Cap on validation sequences per pass (null = all of data.val_tokens)."""
-    checkpoint_interval: int = 1000
+    checkpoint_interval: int = does_not_affect_results(1000)
     """Optimizer steps between checkpoints (0 = only at the end); SIGTERM also triggers one."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = does_not_affect_results(2)
     """Complete checkpoints kept (older ones are deleted once a newer one is complete)."""
-    stop_at_step: int | None = None
+    stop_at_step: int | None = does_not_affect_results(None)
     """Save a checkpoint and exit (status 0) after this optimizer step, leaving the LR/DST schedules those of the
     whole run: a long schedule trained in pieces, each continued with `--resume auto` (OLMo-core's hard stop).
     null = train to the end."""
-    save_final: bool = True
+    save_final: bool = does_not_affect_results(True)
     """Save a checkpoint at the end of the run (export reads it)."""
-    ledger: str = "runs/ledger.jsonl"
+    ledger: str = does_not_affect_results("runs/ledger.jsonl")
     """The run ledger: one JSON line appended per finished run (read by `sparse-dc law`)."""
-    tensorboard: bool = True
+    tensorboard: bool = does_not_affect_results(True)
     """Write TensorBoard scalars under <run>/tensorboard."""
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    wandb: WandbConfig = does_not_affect_results(default_factory=WandbConfig)
     """Weights & Biases: the metrics.jsonl scalars, the config, the ledger row as summary; resumes continue the run."""
-    progress: bool = True
+    progress: bool = does_not_affect_results(True)
     """Show a tqdm progress bar on rank 0."""
-    peak_flops: float | None = None
+    peak_flops: float | None = does_not_affect_results(None)
     """Peak FLOP/s of one device for MFU; null = looked up from the CUDA device name (none on CPU)."""
-    verify_replicas: bool = True
+    verify_replicas: bool = does_not_affect_results(True)
     """At the end, compare a digest of every rank's parameters and topology and record it in metrics."""
 
     def validate(self, path: str = "") -> None:

@@ -35,20 +35,6 @@ class TrainingDiverged(SparseDCError):
     """The loss became NaN or Inf; the run stopped without saving over the last good checkpoint."""
 
 
-def resume_fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything that shapes the loss trajectory (not logging, eval or checkpoint cadence, ledger path,
-    nor where the run folder lives: it may be moved or copied): a resume must match it."""
-    data = cfg.to_dict()
-    data.pop("output_dir")
-    for key in ("log_interval", "eval_interval", "eval_sequences", "checkpoint_interval", "keep_checkpoints",
-                "save_final", "stop_at_step", "ledger", "tensorboard", "wandb", "progress", "peak_flops",
-                "verify_replicas"):
-        data["train"].pop(key)
-    data["data"].pop("num_workers")
-    data["data"].pop("verify")
-    return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:16]
-
-
 def token_loss_sum(model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy of tokens [B, L] in fp32: B x (L - 1) predictions, or with `loss_mask`
     (bool [B, L], True = real token) only those whose target token is real."""
@@ -134,8 +120,8 @@ class Trainer:
     # --- resume -----------------------------------------------------------------------------------------
     def marker(self) -> dict[str, Any]:
         """What a checkpoint records about the run (checked on resume; export rebuilds the model from it)."""
-        return {"resume_fingerprint": resume_fingerprint(self.cfg), "zero_stage": self.tc.deepspeed.zero_stage,
-                "config": self.cfg.to_dict(), "vocab_size": self.vocab_size}
+        return {"resume_fingerprint": self.cfg.fingerprint(results_only=True),
+                "zero_stage": self.tc.deepspeed.zero_stage, "config": self.cfg.to_dict(), "vocab_size": self.vocab_size}
 
     def resume(self) -> bool:
         """Continue from the newest intact checkpoint, if any (collective; damaged newer ones are set aside,

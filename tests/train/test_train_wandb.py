@@ -71,8 +71,7 @@ def test_wandb_config_errors(override, message):
 def test_wandb_settings_do_not_change_the_resume_fingerprint():
     from sparse_dc.config.base import load_config
     from sparse_dc.config.run import RunConfig
-    from sparse_dc.train.trainer import resume_fingerprint
 
     plain = load_config(RunConfig, None, [])
     logged = load_config(RunConfig, None, ["train.wandb.mode=offline", "train.wandb.name=other"])
-    assert resume_fingerprint(plain) == resume_fingerprint(logged)
+    assert plain.fingerprint(results_only=True) == logged.fingerprint(results_only=True)
