@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sparse_dc.config.base import Config, does_not_affect_results
+from sparse_dc.config.base import Config, ConfigError, does_not_affect_results
 
 
 @dataclass(kw_only=True)
@@ -46,3 +46,14 @@ class DataConfig(Config):
         self.check(self.val_tokens >= 0, path, "val_tokens", "an integer >= 0")
         self.check(self.num_workers >= 0, path, "num_workers", "an integer >= 0")
         super().validate(path)
+
+
+def micro_batches_per_step(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-batches each rank runs per optimizer step (gradient accumulation): global_batch / (micro_batch x
+    world_size), which must be whole. The one place this split is computed: the loader cuts global batches with it
+    and the training config hands it to DeepSpeed."""
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ConfigError(f"train.global_batch={global_batch}: expected a multiple of micro_batch x world size = "
+                          f"{micro_batch} x {world_size}")
+    return global_batch // per_step

@@ -33,7 +33,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from sparse_dc.data.config import DataConfig
+from sparse_dc.data.config import DataConfig, micro_batches_per_step
 from sparse_dc.data.documents import DocumentPool, document_bounds, first_document_at
 from sparse_dc.data.shards import TokenStream, open_stream, open_validation
 from sparse_dc.data.sources import DataError
@@ -302,10 +302,11 @@ class TokenBudget:
 class TokenBudgetDataset(torch.utils.data.IterableDataset):
     """One rank's stream of micro-batches, as a torch IterableDataset (use with DataLoader(batch_size=None)).
 
-    Yields dicts {"tokens": LongTensor [micro, L], "batch": b, "micro": k, "samples_end": int, "batch_targets":
-    int} (+ "loss_mask" BoolTensor [micro, L] with document packing): global batch b is this rank's slice split
-    into micro-batches of `micro_batch` samples; `samples_end` is the number of samples consumed once batch b is
-    complete (the resume state); `batch_targets` the loss targets of the whole global batch over all ranks. With
+    Yields dicts {"tokens": LongTensor [micro, L], "batch": b, "micro": k, "micro_batches": n, "samples_end": int,
+    "batch_targets": int} (+ "loss_mask" BoolTensor [micro, L] with document packing): global batch b is this rank's
+    slice split into n = `micro_batches_per_step` micro-batches of `micro_batch` samples, k = 0 .. n - 1;
+    `samples_end` is the number of samples consumed once batch b is complete (the resume state); `batch_targets` the
+    loss targets of the whole global batch over all ranks. With
     DataLoader workers, worker w produces every num_workers-th micro-batch and the DataLoader's round-robin restores
     the order.
     """
@@ -313,9 +314,7 @@ class TokenBudgetDataset(torch.utils.data.IterableDataset):
     def __init__(self, budget: TokenBudget, global_batch: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, samples_consumed: int = 0):
         super().__init__()
-        if global_batch % (micro_batch * world_size):
-            raise DataError(f"global batch {global_batch} is not divisible by micro_batch x world_size = "
-                            f"{micro_batch} x {world_size}")
+        self.micro_batches_per_step = micro_batches_per_step(global_batch, micro_batch, world_size)
         if samples_consumed % global_batch:
             raise DataError(f"samples_consumed={samples_consumed} is not at a global-batch boundary "
                             f"(global batch {global_batch})")
@@ -327,7 +326,7 @@ class TokenBudgetDataset(torch.utils.data.IterableDataset):
         """(global batch, micro index, first sample, end sample) in order, from the resume point to the end."""
         # Every rank yields the same number of micro-batches per global batch, so collectives stay matched; in a
         # partial final batch some micro-batches are smaller or empty (weight losses by token count).
-        steps = self.global_batch // (self.micro_batch * self.world_size)
+        steps = self.micro_batches_per_step
         for b in range(self.start_batch, self.budget.num_batches(self.global_batch)):
             start, stop = self.budget.rank_range(b, self.global_batch, self.rank, self.world_size)
             for k in range(steps):
@@ -341,5 +340,5 @@ class TokenBudgetDataset(torch.utils.data.IterableDataset):
         for index, (b, k, lo, hi) in enumerate(self.micro_ranges()):
             if index % workers == worker:
                 yield {**self.budget.micro_batch(lo, hi), "batch": b, "micro": k,
-                       "samples_end": min((b + 1) * self.global_batch, total),
+                       "micro_batches": self.micro_batches_per_step, "samples_end": min((b + 1) * self.global_batch, total),
                        "batch_targets": self.budget.batch_targets(b, self.global_batch)}

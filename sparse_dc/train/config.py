@@ -19,7 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sparse_dc.config.base import Config, ConfigError, does_not_affect_results
+from sparse_dc.config.base import Config, does_not_affect_results
+from sparse_dc.data.config import micro_batches_per_step
 
 
 @dataclass(kw_only=True)
@@ -199,11 +200,7 @@ class TrainConfig(Config):
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per rank per optimizer step; ConfigError if the global batch does not split evenly."""
-        per_step = self.micro_batch * world_size
-        if self.global_batch % per_step:
-            raise ConfigError(f"train.global_batch={self.global_batch}: expected a multiple of micro_batch x "
-                              f"world size = {self.micro_batch} x {world_size}")
-        return self.global_batch // per_step
+        return micro_batches_per_step(self.global_batch, self.micro_batch, world_size)
 
     def deepspeed_config(self, world_size: int) -> dict[str, Any]:
         """The DeepSpeed JSON for this run (the optimizer entry only when impl=torch_adam)."""

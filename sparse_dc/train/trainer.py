@@ -12,6 +12,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,25 @@ from sparse_dc.train.metrics import Metrics, device_peak_flops, perplexity
 
 class TrainingDiverged(SparseDCError):
     """The loss became NaN or Inf; the run stopped without saving over the last good checkpoint."""
+
+
+def optimizer_steps(micro_batches: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """The loader's micro-batches grouped into optimizer steps: each list is the `micro_batches` micro-batches of
+    one global batch, in order. A batch that ends early or runs into the next is an error, never a step that mixes
+    two global batches."""
+    step: list[dict[str, Any]] = []
+    for mb in micro_batches:
+        if mb["micro"] != len(step) or (step and mb["batch"] != step[0]["batch"]):
+            where = f"global batch {step[0]['batch']} after {len(step)}" if step else "the start of a step"
+            raise SparseDCError(f"micro-batch {mb['micro']} of global batch {mb['batch']} arrived at {where} "
+                                f"micro-batches: expected micro-batches 0..{mb['micro_batches'] - 1} of one batch")
+        step.append(mb)
+        if len(step) == mb["micro_batches"]:
+            yield step
+            step = []
+    if step:
+        raise SparseDCError(f"the data ended inside global batch {step[0]['batch']} ({len(step)} of "
+                            f"{step[0]['micro_batches']} micro-batches)")
 
 
 def token_loss_sum(model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,11 +190,12 @@ class Trainer:
         dataset = TokenBudgetDataset(self.budget, tc.global_batch, tc.micro_batch, denv.rank, denv.world_size,
                                      self.samples)
         workers = self.cfg.data.num_workers  # reads overlap compute; the order is unchanged (see the loader)
-        data = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                                pin_memory=self.device.startswith("cuda")) if workers else dataset)
+        steps = optimizer_steps(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                                            pin_memory=self.device.startswith("cuda"))
+                                if workers else dataset)
         try:
             while self.step < self.total_steps:
-                micro_batches = [next(data) for _ in range(self.accumulation)]
+                micro_batches = next(steps)
                 start = time.perf_counter()
                 loss, grad_norm = self.train_step(micro_batches)
                 self.train_time += time.perf_counter() - start

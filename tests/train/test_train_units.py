@@ -186,3 +186,32 @@ def test_ledger_n_is_the_n_the_paper_law_was_fitted_with(tmp_path):
     physical = np.array([r["active_params_physical"] for r in read_ledger(path)], dtype=float)
     shifted = form.predict(coefficients, SimpleNamespace(**{**vars(runs), "active_params": physical}))
     assert np.max(physical / published) > 2 and np.max(np.abs(shifted - theirs)) > 0.1
+
+
+def test_optimizer_steps_are_the_loaders_global_batches(prepared_data):
+    """The trainer's steps are whole global batches of the loader, at any split, the partial last batch included;
+    a stream that breaks a batch (a lost or repeated micro-batch) stops with the batch named."""
+    from sparse_dc.data.config import DataConfig
+    from sparse_dc.data.loader import TokenBudget, TokenBudgetDataset
+    from sparse_dc.errors import SparseDCError
+    from sparse_dc.train.trainer import optimizer_steps
+
+    budget = TokenBudget.from_config(DataConfig(dir=str(prepared_data), unique_tokens=4096, seq_len=32, epochs=3.05,
+                                                val_tokens=2048, seed=7, verify="size"))
+    for micro, world in ((4, 1), (2, 2), (1, 4), (16, 1)):
+        samples = 0
+        for rank in range(world):
+            steps = list(optimizer_steps(TokenBudgetDataset(budget, 16, micro, rank, world)))
+            assert len(steps) == budget.num_batches(16) == 25
+            for b, step in enumerate(steps):
+                assert [mb["batch"] for mb in step] == [b] * (16 // (micro * world))
+                assert [mb["micro"] for mb in step] == list(range(16 // (micro * world)))
+            samples += sum(len(mb["tokens"]) for step in steps for mb in step)
+        assert samples == 390  # every sample once, over the ranks
+    items = list(TokenBudgetDataset(budget, 16, 4, 0, 1))
+    with pytest.raises(SparseDCError, match="micro-batch 2 of global batch 0 arrived at global batch 0 after 1"):
+        list(optimizer_steps(items[:1] + items[2:]))
+    with pytest.raises(SparseDCError, match="micro-batch 0 of global batch 1 arrived at global batch 0 after 3"):
+        list(optimizer_steps(items[:3] + items[4:]))
+    with pytest.raises(SparseDCError, match=r"the data ended inside global batch 24 \(1 of 4 micro-batches\)"):
+        list(optimizer_steps(items[:-3]))
