@@ -116,7 +116,7 @@ class SparseDataConstrained(LawForm):
         # N_eff = U_N (1 + R_N* (1 - exp(-R_N / R_N*))), likewise D_eff with U: in logs, via log1p / expm1
         log_neff = log_un + np.log1p(-rn_star * np.expm1(-r_n / rn_star))
         log_deff = log_u + np.log1p(-rd_star * np.expm1(-r_d / rd_star))
-        return a + log_f - alpha * log_neff, b - beta * log_deff, e + 0.0 * log_u
+        return a + log_f - alpha * log_neff, b - beta * log_deff, e + np.zeros_like(log_u)  # E for every run
 
     def repetition_half_lives(self, p: Params, density: Any) -> tuple[Any, Any]:
         """(R_N*(S), R_D*(S)): the epochs-beyond-the-first scale at which repeated parameters/data decay (the law
@@ -135,7 +135,7 @@ class Chinchilla(LawForm):
     def log_terms(self, p: Params, x: Any) -> tuple[Any, Any, Any]:
         log_n = np.log(np.asarray(x.active_params, float))
         log_d = np.log(np.asarray(x.tokens, float))
-        return p["a"] - p["alpha"] * log_n, p["b"] - p["beta"] * log_d, p["e"] + 0.0 * log_d
+        return p["a"] - p["alpha"] * log_n, p["b"] - p["beta"] * log_d, p["e"] + np.zeros_like(log_d)
 
 
 # The paper's published coefficients (scaling-law.md); A = exp(a), B = exp(b), E = exp(e), beta = alpha.

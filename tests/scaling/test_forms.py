@@ -121,12 +121,63 @@ def test_forward_mode_jacobian_matches_finite_differences(form):
 
 
 def test_unknown_form_and_preset_are_one_line_errors():
-    with pytest.raises(SparseDCError, match="law form 'nope'"):
+    with pytest.raises(SparseDCError, match="law form 'nope' is unknown; expected one of paper, muennighoff, "
+                                            "chinchilla"):
         get_form("nope")
-    with pytest.raises(SparseDCError, match="preset 'nope' is unknown"):
+    with pytest.raises(SparseDCError, match="preset 'nope' is unknown; expected one of paper, muennighoff, chinchilla"):
         find_preset("nope")
-    with pytest.raises(SparseDCError, match="missing"):
-        get_form("paper").check_params({"a": 1.0})
+    with pytest.raises(SparseDCError, match="preset 'muennighoff' is not defined for the paper law; expected one of "
+                                            "paper$"):
+        get_form("paper").preset("muennighoff")
+    with pytest.raises(SparseDCError, match="chinchilla law parameters are missing b, e, alpha, beta; expected all "
+                                            "of a, b, e, alpha, beta$"):
+        get_form("chinchilla").check_params({"a": 1.0})
+    assert get_form("chinchilla").check_params({**CHINCHILLA, "extra": 3, "a": 2}) == {**CHINCHILLA, "a": 2.0}
+
+
+def test_a_registered_form_is_found_by_name():
+    from dataclasses import replace
+
+    from sparse_dc.scaling.forms import register_form
+
+    from sparse_dc.scaling import forms
+
+    fixed = replace(get_form("paper"), name="paper-fixed-c", fixed={"c": 0.0})
+    try:
+        assert register_form(fixed) is fixed and get_form("paper-fixed-c") is fixed
+    finally:
+        forms._FORMS.pop("paper-fixed-c", None)
+    x = point(1e8, 1e9, 4e9, 0.5)
+    without_c = {k: v for k, v in PAPER.items() if k != "c"}  # a fixed coefficient fills in what is not given
+    assert fixed.predict(without_c, x)[0] == get_form("paper").predict({**PAPER, "c": 0.0}, x)[0]
+
+
+def test_stage_selectors_at_their_boundaries():
+    """One epoch is D <= U up to rounding (D = U exactly counts, 1.5 epochs do not); dense is S = 1."""
+    from sparse_dc.scaling.forms import dense, single_epoch
+
+    x = SimpleNamespace(tokens=np.array([1e9, 1e9 * (1 + 1e-7), 1.5e9, 0.5e9, 2.5e9]),
+                        unique_tokens=np.full(5, 1e9), density=np.array([1.0, 1.0 - 1e-13, 0.99, 0.5, 1]))
+    assert single_epoch(x).tolist() == [True, True, False, True, False]
+    assert dense(x).tolist() == [True, True, False, False, True]
+
+
+def test_integer_counts_as_the_ledger_stores_them():
+    """Counts arrive as Python ints (JSON); beyond int64 (1e20 tokens) numpy would keep them as objects."""
+    big = SimpleNamespace(active_params=[10 ** 8], unique_tokens=[10 ** 19], tokens=[4 * 10 ** 20], density=[1])
+    as_float = SimpleNamespace(active_params=[1e8], unique_tokens=[1e19], tokens=[4e20], density=[1.0])
+    for form, preset in (("paper", PAPER), ("chinchilla", CHINCHILLA)):
+        assert get_form(form).predict(preset, big)[0] == get_form(form).predict(preset, as_float)[0]
+
+
+def test_the_paper_form_takes_a_separate_beta():
+    """beta defaults to alpha (the paper's tie); a given beta is used in the data term."""
+    x = point(1e8, 1e9, 4e9, 0.5)
+    law = get_form("paper")
+    assert law.predict({**PAPER, "beta": PAPER["alpha"]}, x)[0] == law.predict(PAPER, x)[0]
+    A, B, E = (math.exp(PAPER[k]) for k in ("a", "b", "e"))
+    tied, untied = law.predict(PAPER, x)[0], law.predict({**PAPER, "beta": 0.5}, x)[0]
+    assert untied != tied and E < untied < E + A + B
 
 
 def test_paper_preset_is_the_published_coefficients():
