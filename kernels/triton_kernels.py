@@ -4,14 +4,20 @@ _dds_kernel: dense x sparse, C = A · op(W). One program computes a [BLOCK_M, B]
   (a block row of W for Y = X·Wᵀ, a block column for dX = dY·W) by walking that block's CSR (or transposed)
   entries; `op` is chosen by the in-block strides of W, so forward and dX share the kernel.
 _sdd_kernel: sampled dense-dense, dW_e = dY[:, r_e]ᵀ · X[:, c_e] for a list of blocks, one program per block
-  and per M split. The same kernel scores blocks for the RigL probe (OUT_MODE 2 stores ||dW_e||_F²) and adds
-  blocks into an fp32 accumulator for exact RigL growth over micro-batches (OUT_MODE 3).
+  and per M split. The same kernel scores blocks for the RigL probe (OUT_SQUARED_NORM stores ||dW_e||_F²) and adds
+  blocks into an fp32 accumulator for exact RigL growth over micro-batches (OUT_ACCUMULATE).
 
 Both accumulate in fp32 (fp64 for fp64 inputs) and cast on store. UPCAST is set only under the CPU interpreter,
 whose 16-bit tl.dot is wrong (bf16 bit patterns are multiplied as integers).
 """
 import triton
 import triton.language as tl
+
+# OUT_MODE of _sdd_kernel: what each program stores for its block e (constexprs: a kernel reads them as globals).
+OUT_VALUES = tl.constexpr(0)  # the block, cast to out's dtype, at its slot: dvalues [nnz, B, B]
+OUT_PARTIALS = tl.constexpr(1)  # the fp32 block of one M split, at [split, slot]: partials [SPLIT, nnz, B, B]
+OUT_SQUARED_NORM = tl.constexpr(2)  # ||block||_F^2 at [e]: fp32 [n]
+OUT_ACCUMULATE = tl.constexpr(3)  # out[slot] += block, fp32 [n_slots, B, B] (read-add-write: never split over M)
 
 
 @triton.jit
@@ -86,11 +92,11 @@ def _sdd_kernel(
     # Pointers
     dy_ptr,      # dY [M, N_out]
     x_ptr,       # X [M, K_in]
-    out_ptr,     # OUT_MODE 0: dvalues [nnz, B, B]; 1: fp32 partials [SPLIT, nnz, B, B]; 2: fp32 [n_entries];
-                 # 3: fp32 accumulator [n_slots, B, B], read and written (out += dW_e)
+    out_ptr,     # by OUT_MODE (the OUT_* constants above): dvalues [nnz, B, B], fp32 partials [SPLIT, nnz, B, B],
+                 # fp32 squared norms [n_entries], or an fp32 accumulator [n_slots, B, B], read and written
     row_ptr,     # int32 [n_entries]: block row of each entry
     col_ptr,     # int32 [n_entries]: block column of each entry
-    slot_ptr,    # int32 [n_entries]: where entry e's block goes (modes 0, 1 and 3)
+    slot_ptr,    # int32 [n_entries]: where entry e's block goes (every mode but OUT_SQUARED_NORM)
     # Sizes
     M, n_entries, m_per_split,  # m_per_split: a multiple of BLOCK_M, the M range of one program
     # Strides
@@ -134,13 +140,13 @@ def _sdd_kernel(
     # -----------------------------------------------------------
     # Store the block (cast), an fp32 partial block, its squared Frobenius norm, or its sum with the accumulator.
     in_block = offs_b[:, None] * B + offs_b[None, :]
-    if OUT_MODE == 2:
+    if OUT_MODE == OUT_SQUARED_NORM:
         tl.store(out_ptr + e, tl.sum(tl.sum(acc * acc, axis=1), axis=0).to(tl.float32))
     else:
         slot = tl.load(slot_ptr + e).to(tl.int64)
-        if OUT_MODE == 1:
+        if OUT_MODE == OUT_PARTIALS:
             slot += split.to(tl.int64) * n_entries
         out_ptrs = out_ptr + slot * (B * B) + in_block
-        if OUT_MODE == 3:  # read-add-write without atomics: the launcher never splits M in this mode
+        if OUT_MODE == OUT_ACCUMULATE:  # read-add-write without atomics: the launcher never splits M here
             acc += tl.load(out_ptrs).to(ACC_DTYPE)
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))

@@ -6,7 +6,9 @@ caches it; under the CPU interpreter there is a single small config and nothing 
 """
 from __future__ import annotations
 
+import enum
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -14,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .layout import BlockLayout
-from .triton_kernels import _dds_kernel, _sdd_kernel
+from .triton_kernels import OUT_ACCUMULATE, OUT_PARTIALS, OUT_SQUARED_NORM, OUT_VALUES, _dds_kernel, _sdd_kernel
 
 INTERPRET = type(_dds_kernel).__name__ == "InterpretedFunction"  # decided by TRITON_INTERPRET at import
 _ACC = {torch.float64: tl.float64}  # everything else accumulates in fp32
@@ -119,49 +121,70 @@ def _split_m(n_programs: int, m: int, block_m: int, device: torch.device) -> int
     return max(1, min(want, m // (4 * block_m)))
 
 
-def _sdd(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor,
-         b: int, key: tuple, *, out: str, split_m: int | None, acc: torch.Tensor | None = None) -> torch.Tensor:
-    """Blocks dYᵀ·X at (rows[e], cols[e]). `out`: "values" -> [n, B, B] in `slots` order (dy's dtype);
-    "norms" -> float32 [n] Frobenius norms in entry order; "accumulate" -> `acc[slots[e]] += block` in fp32,
-    returns `acc`."""
-    n, m = rows.numel(), dy.shape[0]
-    consts = _dtype_meta(dy.dtype)
-    # "accumulate" is timed as "values" (same M loop, plain store) so tuning never writes into `acc`
-    tune_out = "values" if out == "accumulate" else out
-    cfg = _tune(key, autotune_configs("sdd", b), lambda c: _launch_sdd(dy, x, rows, cols, slots, b, c, consts,
-                                                                    tune_out, 1, None))
-    split = split_m or _split_m(n, m, cfg["BLOCK_M"], dy.device)
-    return _launch_sdd(dy, x, rows, cols, slots, b, cfg, consts, out, split, acc)
+class SddResult(enum.Enum):
+    """What a caller of the sdd kernel gets for the listed blocks dW_e = dYᵀ·X at (rows[e], cols[e])."""
+
+    VALUES = "values"  # [n, B, B] in dy's dtype, block e at row slots[e] (dW of the live blocks)
+    NORMS = "norms"  # float32 [n]: ||dW_e||_F, in entry order (the RigL probe)
+    ACCUMULATE = "accumulate"  # acc[slots[e]] += dW_e in fp32; returns acc (exact RigL over micro-batches)
 
 
-def _launch_sdd(dy, x, rows, cols, slots, b, cfg, consts, out_kind, split, acc) -> torch.Tensor:
-    n, m = rows.numel(), dy.shape[0]
+@dataclass(frozen=True)
+class SddBlocks:
+    """The operands of one sdd launch: dy [M, N_out], x [M, K_in], and the listed blocks (int32 [n] each)."""
+
+    dy: torch.Tensor
+    x: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    slots: torch.Tensor
+    block_size: int
+
+
+def _sdd(blocks: SddBlocks, key: tuple, *, result: SddResult, split_m: int | None,
+         acc: torch.Tensor | None = None) -> torch.Tensor:
+    """dW_e for the listed blocks as `result` asks (acc: the float32 accumulator of SddResult.ACCUMULATE)."""
+    consts = _dtype_meta(blocks.dy.dtype)
+    # ACCUMULATE is timed as VALUES (same M loop, plain store) so tuning never writes into `acc`
+    tuned = SddResult.VALUES if result is SddResult.ACCUMULATE else result
+    cfg = _tune(key, autotune_configs("sdd", blocks.block_size),
+                lambda c: _launch_sdd(blocks, c, consts, result=tuned, split=1))
+    split = split_m or _split_m(blocks.rows.numel(), blocks.dy.shape[0], cfg["BLOCK_M"], blocks.dy.device)
+    return _launch_sdd(blocks, cfg, consts, result=result, split=split, acc=acc)
+
+
+def _launch_sdd(blocks: SddBlocks, cfg: dict, consts: dict, *, result: SddResult, split: int,
+                acc: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch of _sdd_kernel with `split` M splits (fewer if M is short); splits are summed here, in order."""
+    dy, b = blocks.dy, blocks.block_size
+    n, m = blocks.rows.numel(), dy.shape[0]
     acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
     m_per_split = triton.cdiv(triton.cdiv(max(m, 1), split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     split = triton.cdiv(max(m, 1), m_per_split)
     if n == 0:
-        return {"norms": torch.empty(0, dtype=torch.float32, device=dy.device),
-                "values": torch.empty(0, b, b, dtype=dy.dtype, device=dy.device)}.get(out_kind, acc)
+        return {SddResult.NORMS: torch.empty(0, dtype=torch.float32, device=dy.device),
+                SddResult.VALUES: torch.empty(0, b, b, dtype=dy.dtype, device=dy.device),
+                SddResult.ACCUMULATE: acc}[result]
     if split > 1:
-        out, mode = torch.empty(split, n, b, b, dtype=acc_dtype, device=dy.device), 1
-    elif out_kind == "norms":
-        out, mode = torch.empty(n, dtype=torch.float32, device=dy.device), 2
-    elif out_kind == "accumulate":
-        out, mode = acc, 3
+        out, mode = torch.empty(split, n, b, b, dtype=acc_dtype, device=dy.device), OUT_PARTIALS
+    elif result is SddResult.NORMS:
+        out, mode = torch.empty(n, dtype=torch.float32, device=dy.device), OUT_SQUARED_NORM
+    elif result is SddResult.ACCUMULATE:
+        out, mode = acc, OUT_ACCUMULATE
     else:
-        out, mode = torch.empty(n, b, b, dtype=dy.dtype, device=dy.device), 0
+        out, mode = torch.empty(n, b, b, dtype=dy.dtype, device=dy.device), OUT_VALUES
     _sdd_kernel[(n, split)](
-        dy, x, out, rows, cols, slots,
+        dy, blocks.x, out, blocks.rows, blocks.cols, blocks.slots,
         m, n, m_per_split,
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-        B=b, OUT_MODE=mode, **consts, **cfg)
-    if mode == 2:
+        dy.stride(0), dy.stride(1), blocks.x.stride(0), blocks.x.stride(1),
+        B=b, OUT_MODE=mode.value, **consts, **cfg)
+    if mode is OUT_SQUARED_NORM:
         return out.sqrt()
-    if mode == 1:
+    if mode is OUT_PARTIALS:
         out = out.sum(0)  # fixed-order combine of the M splits: deterministic, unlike atomics
-        if out_kind == "norms":
+        if result is SddResult.NORMS:
             return out.float().square().sum(dim=(1, 2)).sqrt()
-        if out_kind == "accumulate":  # the partials are already in slot order
+        if result is SddResult.ACCUMULATE:  # the partials are already in slot order
             return acc.add_(out.float())
         return out.to(dy.dtype)
     return out
@@ -172,8 +195,8 @@ def sdd(dy: torch.Tensor, x: torch.Tensor, layout: BlockLayout, *, split_m: int 
     `split_m` overrides the number of M splits (default: `_split_m`)."""
     key = ("sdd", dy.dtype, str(dy.device), triton.next_power_of_2(max(dy.shape[0], 1)), *layout.shape,
            layout.block_size, _density_bucket(layout.density))
-    return _sdd(dy, x, layout.row_idx, layout.col_idx, layout.slot, layout.block_size, key, out="values",
-                split_m=split_m)
+    blocks = SddBlocks(dy, x, layout.row_idx, layout.col_idx, layout.slot, layout.block_size)
+    return _sdd(blocks, key, result=SddResult.VALUES, split_m=split_m)
 
 
 def block_scores(x: torch.Tensor, dy: torch.Tensor, layout: BlockLayout, *,
@@ -185,7 +208,8 @@ def block_scores(x: torch.Tensor, dy: torch.Tensor, layout: BlockLayout, *,
     idx = torch.arange(nbr * nbc, dtype=torch.int32, device=x.device)
     key = ("probe", dy.dtype, str(dy.device), triton.next_power_of_2(max(dy.shape[0], 1)), *layout.shape,
            layout.block_size)
-    scores = _sdd(dy, x, idx // nbc, idx % nbc, idx, layout.block_size, key, out="norms", split_m=split_m)
+    blocks = SddBlocks(dy, x, idx // nbc, idx % nbc, idx, layout.block_size)
+    scores = _sdd(blocks, key, result=SddResult.NORMS, split_m=split_m)
     return scores.reshape(nbr, nbc)
 
 
@@ -198,4 +222,4 @@ def sampled_block_grad(x: torch.Tensor, dy: torch.Tensor, rows: torch.Tensor, co
     slots = torch.arange(rows.numel(), dtype=torch.int32, device=out.device)
     key = ("sampled", dy.dtype, str(dy.device), triton.next_power_of_2(max(dy.shape[0], 1)), dy.shape[1],
            x.shape[1], b, _density_bucket(rows.numel() / ((dy.shape[1] // b) * (x.shape[1] // b))))
-    return _sdd(dy, x, rows, cols, slots, b, key, out="accumulate", split_m=split_m, acc=out)
+    return _sdd(SddBlocks(dy, x, rows, cols, slots, b), key, result=SddResult.ACCUMULATE, split_m=split_m, acc=out)

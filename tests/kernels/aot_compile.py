@@ -17,7 +17,14 @@ try:
 except ImportError:
     sys.exit(77)
 
-from sparse_dc.kernels.triton_kernels import _dds_kernel, _sdd_kernel
+from sparse_dc.kernels.triton_kernels import (
+    OUT_ACCUMULATE,
+    OUT_PARTIALS,
+    OUT_SQUARED_NORM,
+    OUT_VALUES,
+    _dds_kernel,
+    _sdd_kernel,
+)
 
 ACC = {"bf16": tl.float32, "fp16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
 
@@ -51,9 +58,9 @@ def dds(cc, dt, b, bm, bk, transpose, warps=8, stages=3):
 
 
 def sdd(cc, dt, b, bm, mode, warps=8, stages=3):
-    consts = dict(B=b, BLOCK_M=bm, OUT_MODE=mode, UPCAST=False, ACC_DTYPE=ACC[dt],
+    consts = dict(B=b, BLOCK_M=bm, OUT_MODE=mode.value, UPCAST=False, ACC_DTYPE=ACC[dt],
                   INPUT_PRECISION="ieee" if dt in ("fp32", "fp64") else "tf32", stride_dyn=1, stride_xk=1)
-    ptrs = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": f"*{dt}" if mode == 0 else "*fp32"}
+    ptrs = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": f"*{dt}" if mode is OUT_VALUES else "*fp32"}
     ptrs.update({n: "*i32" for n in ("row_ptr", "col_ptr", "slot_ptr")})
     return dict(dtype=dt, **compile_kernel(_sdd_kernel, ptrs, consts, [*ptrs, "stride_dym", "stride_xm",
                                                                         "m_per_split"], cc, warps, stages))
@@ -63,8 +70,8 @@ if __name__ == "__main__":
     jobs = [lambda: dds(90, "bf16", 128, 128, 64, False), lambda: dds(90, "bf16", 64, 128, 64, True),
             lambda: dds(80, "fp16", 32, 128, 32, False, warps=4),
             lambda: dds(90, "fp32", 64, 64, 32, True, warps=4), lambda: dds(80, "fp64", 16, 32, 16, False, 4, 2),
-            lambda: sdd(90, "bf16", 128, 64, 0), lambda: sdd(90, "bf16", 64, 64, 1, warps=4),
-            lambda: sdd(80, "bf16", 32, 64, 2, warps=4), lambda: sdd(80, "fp64", 16, 32, 0, 4, 2),
-            lambda: sdd(90, "bf16", 128, 64, 3)]  # RigL's fp32 accumulate (read-add-write) mode
+            lambda: sdd(90, "bf16", 128, 64, OUT_VALUES), lambda: sdd(90, "bf16", 64, 64, OUT_PARTIALS, warps=4),
+            lambda: sdd(80, "bf16", 32, 64, OUT_SQUARED_NORM, warps=4), lambda: sdd(80, "fp64", 16, 32, OUT_VALUES, 4, 2),
+            lambda: sdd(90, "bf16", 128, 64, OUT_ACCUMULATE)]  # RigL's fp32 accumulate (read-add-write) mode
     for job in jobs:
         print(json.dumps(job()), flush=True)
