@@ -5,7 +5,8 @@ materialised densely: `dense_grad_block_scores` (per-block norms of one backward
 Backend choice, per call: `backend="auto"` (default) runs the Triton kernels on CUDA tensors and the torch
 reference on CPU tensors; `"triton"` forces the kernels (on CPU this needs TRITON_INTERPRET=1 set before
 sparse_dc.kernels' Triton module is first imported, as tests/conftest.py does); `"reference"` forces torch.
-The environment variable SPARSE_DC_KERNEL_BACKEND (auto | triton | reference) replaces "auto" process-wide.
+The environment variable SPARSE_DC_KERNEL_BACKEND (auto | triton | reference) replaces "auto" process-wide; a run
+sets it from its config (`sparsity.kernel_backend`, through `set_default_backend`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ from .layout import SUPPORTED_BLOCK_SIZES, BlockLayout
 BACKENDS = ("auto", "triton", "reference")
 BACKEND_ENV = "SPARSE_DC_KERNEL_BACKEND"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def set_default_backend(backend: str) -> None:
+    """Make "auto" mean `backend` in this process and the processes it starts (it sets SPARSE_DC_KERNEL_BACKEND): how
+    a run's config (sparsity.kernel_backend) chooses the kernels of every sparse layer. "auto" changes nothing."""
+    check(backend in BACKENDS, f"backend in {BACKENDS}", repr(backend))
+    if backend != "auto":
+        os.environ[BACKEND_ENV] = backend
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

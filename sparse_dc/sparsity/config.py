@@ -43,6 +43,11 @@ class SparsityConfig(Config):
     (1 - density) x the dense size of each sparse layer during update steps (sparse_dc.sparsity.layer).
     norm_sum: the sum of per-micro-batch, per-rank block norms (an upper bound of the exact score, equal to it
     only with one micro-batch on one rank); needs one float per block."""
+    kernel_backend: Literal["auto", "triton", "reference"] = "auto"
+    """How block-sparse layers (block_size >= 16) compute, forward, backward and RigL's scores. triton: the Triton
+    kernels (what GPUs run; on CPU only under Triton's interpreter, TRITON_INTERPRET=1 in the environment: slow, for
+    tests); reference: torch on the dense masked weight; auto: the SPARSE_DC_KERNEL_BACKEND environment variable if
+    set, else triton on CUDA and reference on CPU."""
     update_frequency: int = 100
     """Optimizer steps between topology updates."""
     prune_rate: float = 0.1
@@ -100,6 +105,8 @@ class SparsityConfig(Config):
                    "'reset' or 'adamdst'")
         self.check(self.regrow_step >= 0, path, "regrow_step", "an integer >= 0")
         self.check(self.momentum_ramp_steps >= 1, path, "momentum_ramp_steps", "an integer >= 1")
+        self.check(self.kernel_backend in ("auto", "triton", "reference"), path, "kernel_backend",
+                   "'auto', 'triton' or 'reference'")
         super().validate(path)
 
     @property

@@ -24,6 +24,7 @@ from sparse_dc.config.base import write_text_atomic
 from sparse_dc.config.run import RunConfig
 from sparse_dc.data.loader import TokenBudget, TokenBudgetDataset
 from sparse_dc.errors import SparseDCError, reporting_disk_full
+from sparse_dc.kernels.ops import resolve_backend, set_default_backend
 from sparse_dc.model import build_model, count_params, flops_per_token
 from sparse_dc.sparsity import AdamDST, DSTEngine, optimizer_state
 from sparse_dc.train import ledger
@@ -113,6 +114,9 @@ class Trainer:
         self.plan = self.budget.plan
         self.total_steps = self.budget.num_batches(self.tc.global_batch)
         self.accumulation = self.tc.accumulation_steps(denv.world_size)
+        if cfg.sparsity.sparse and cfg.sparsity.block_size > 1:  # the kernels of the block-sparse layers
+            set_default_backend(cfg.sparsity.kernel_backend)
+            resolve_backend("auto", torch.device(device))  # one line now if they cannot run on this device
         torch.manual_seed(self.tc.seed)  # dense weights; the sparse topology is seeded by sparsity.seed
         model = build_model(cfg.model, cfg.sparsity, self.budget.vocab_size)
         self.vocab_size = model.vocab_size
