@@ -132,3 +132,33 @@ def test_boundary_values_are_accepted():
                            peak_flops=1.0)),
     ]:
         section(**kwargs).validate("train")
+
+
+def test_error_paths_name_the_section_from_the_top():
+    with pytest.raises(ConfigError, match=r"^lr=0: expected a number > 0$"):
+        OptimizerConfig(lr=0).validate()  # no path: the bare field
+    for bad, match in ((dict(optimizer=OptimizerConfig(lr=0)), r"^train.optimizer.lr=0: "),
+                       (dict(schedule=ScheduleConfig(min_lr_ratio=2.0)), r"^train.schedule.min_lr_ratio=2.0: "),
+                       (dict(deepspeed=DeepSpeedConfig(zero_stage=5)), r"^train.deepspeed.zero_stage=5: "),
+                       (dict(wandb=WandbConfig(project="")), r"^train.wandb.project='': ")):
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig(**bad).validate("train")
+    for section in (OptimizerConfig(lr=0), ScheduleConfig(min_lr_ratio=2.0), DeepSpeedConfig(zero_stage=5),
+                    WandbConfig(project=""), TrainConfig(micro_batch=0)):
+        with pytest.raises(ConfigError, match=r"^[a-z_]+="):
+            section.validate()
+
+
+def test_wandb_logging_needs_the_package(monkeypatch):
+    """Logging to W&B without the optional package installed is refused at start, naming the install command."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    WandbConfig(mode="disabled").validate("train.wandb")
+    for mode in ("offline", "online"):
+        with pytest.raises(ConfigError, match=rf"^train.wandb.mode='{mode}': expected disabled, or the wandb package "
+                                              r"installed \(pip install \"sparse-dc\[wandb\]\"\)$"):
+            WandbConfig(mode=mode).validate("train.wandb")
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    WandbConfig(mode="offline").validate("train.wandb")  # installed here (the test extra)
