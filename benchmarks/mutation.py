@@ -35,7 +35,8 @@ SCRATCH = os.path.join(ROOT, ".mutation")
 MODULES: dict[str, list[str]] = {
     "data/loader": ["tests/data/test_loader.py", "tests/data/test_loader_documents.py",
                     "tests/data/test_loader_properties.py"],
-    "data/shards": ["tests/data/test_loader.py", "tests/data/test_prepare_errors.py", "tests/data/test_shards.py"],
+    "data/shards": ["tests/data/test_shards.py", "tests/data/test_loader.py", "tests/data/test_prepare_errors.py",
+                    "tests/data/test_prepare.py"],
     "sparsity/topology": ["tests/sparsity/test_sparsity_dst.py", "tests/sparsity/test_sparsity_recipe.py",
                           "tests/sparsity/test_sparsity_properties.py"],
     "sparsity/dst": ["tests/sparsity/test_sparsity_dst.py", "tests/sparsity/test_sparsity_recipe.py"],
