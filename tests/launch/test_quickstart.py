@@ -22,7 +22,13 @@ def test_quickstart_end_to_end(tmp_path):
     rows = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
     assert [(r["name"], r["density"], r["world_size"]) for r in rows] == [("tiny-d1", 1.0, 2), ("tiny-d0.5", 0.5, 2)]
     assert rows[1]["active_params"] < rows[0]["active_params"] == rows[1]["dense_params"]
-    assert all(r["val_loss"] < 6.3 for r in rows)  # learned something: log(512) = 6.24 is the uniform guess
+    # learned: log(512) = 6.24 is the uniform guess and an untrained model scores about that; these runs reach
+    # 4.70-4.76 (measured), and their validation loss falls from one evaluation to the next
+    assert all(r["val_loss"] < 5.2 for r in rows), [r["val_loss"] for r in rows]
+    for r in rows:
+        records = [json.loads(x) for x in (out / "runs" / r["name"] / "metrics.jsonl").read_text().splitlines()]
+        evals = [x["val_loss"] for x in records if x["kind"] == "eval"]
+        assert len(evals) >= 3 and all(a > b for a, b in zip(evals, evals[1:])), evals
 
     table = (out / "summary.txt").read_text()
     assert "tiny-d1" in table and "tiny-d0.5" in table and "predicted val loss" in table
