@@ -96,6 +96,7 @@ pytest_add_cli_args =
     no:cacheprovider
 timeout_multiplier = 5.0
 timeout_constant = 30.0
+process_isolation = forkserver
 """)
     return work
 
@@ -105,7 +106,9 @@ def run_module(module: str, children: int) -> dict:
     work = lay_out(module, tests)
     # mutmut puts mutants/ first on sys.path itself (a PYTHONPATH entry for it, cached by the import system before
     # the folder is filled, would let the installed package win)
-    env = dict(os.environ, TMPDIR=os.path.join(work, "tmp"))
+    # one thread per process: mutants run in forked processes, and a fork of a process whose thread pools hold locks
+    # can hang (a hung mutant would count as a timeout, i.e. as killed)
+    env = dict(os.environ, TMPDIR=os.path.join(work, "tmp"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     os.makedirs(env["TMPDIR"], exist_ok=True)
     start = time.perf_counter()
     proc = subprocess.run(["mutmut", "run", "--max-children", str(children)], cwd=work, env=env, text=True,
