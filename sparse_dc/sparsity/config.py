@@ -13,6 +13,8 @@ from sparse_dc.config.base import Config, ConfigError
 PROJECTION_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 BLOCK_SIZES = (1, 16, 32, 64, 128)
 RiglScores = Literal["exact", "norm_sum"]
+BlockTopology = Literal["path_aware", "independent"]
+RegrowInit = Literal["zero", "normal"]
 
 
 @dataclass(kw_only=True)
@@ -51,6 +53,17 @@ class SparsityConfig(Config):
     """Topology updates stop after this fraction of the run's optimizer steps, in (0, 1]."""
     seed: int = 0
     """Seeds the initial topology and SET's random growth (same on every rank)."""
+    block_topology: BlockTopology = "path_aware"
+    """Block masks (B > 1). path_aware: every live block lies on a live gradient path at initialisation and after
+    every update, with the same exact densities (sparse_dc.sparsity.paths); independent: each layer's mask drawn
+    and updated on its own, so some live blocks can never receive a gradient (for comparison). B = 1 always uses
+    independent masks, the paper's."""
+    regrow_init: RegrowInit = "zero"
+    """Value of a regrown weight: zero (the paper's choice, and RigL's) or normal: drawn from
+    N(0, (regrow_init_scale x the layer's init std)^2), from a generator keyed by (seed, step, layer)."""
+    regrow_init_scale: float = 0.1
+    """Std of a regrown weight as a fraction of its layer's init std (model.init_std; o and down: scaled by
+    1 / sqrt(2 n_layers)); only with regrow_init=normal."""
 
     def validate(self, path: str = "") -> None:
         self.check(0.0 < self.density <= 1.0, path, "density", "a number in (0, 1]")
@@ -64,6 +77,10 @@ class SparsityConfig(Config):
         self.check(self.update_frequency >= 1, path, "update_frequency", "an integer >= 1")
         self.check(0.0 <= self.prune_rate < 1.0, path, "prune_rate", "a number in [0, 1)")
         self.check(0.0 < self.stop_fraction <= 1.0, path, "stop_fraction", "a number in (0, 1]")
+        self.check(self.block_topology in get_args(BlockTopology), path, "block_topology",
+                   "'path_aware' or 'independent'")
+        self.check(self.regrow_init in get_args(RegrowInit), path, "regrow_init", "'zero' or 'normal'")
+        self.check(self.regrow_init_scale > 0, path, "regrow_init_scale", "a number > 0")
         super().validate(path)
 
     @property

@@ -22,9 +22,11 @@ class OptimizerState(Protocol):
     def get_param(self, p: torch.nn.Parameter) -> torch.Tensor:
         """A full fp32 copy of the parameter (the optimizer's master weights where they exist)."""
 
-    def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True) -> None:
+    def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True,
+                     fill: torch.Tensor | None = None) -> None:
         """Set p[where] = 0 in the parameter (when `param`, in the model copy and the fp32 master) and in every
-        moment; `where` is a bool mask of p's shape or long indices into p's first dim."""
+        moment; `where` is a bool mask of p's shape or long indices into p's first dim. `fill`: the values the
+        parameter gets at `where` instead of 0 (p[where] = fill); the moments are zeroed either way."""
 
 
 class TorchOptimizerState:
@@ -37,9 +39,10 @@ class TorchOptimizerState:
         return p.detach().float().clone()
 
     @torch.no_grad()
-    def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True) -> None:
+    def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True,
+                     fill: torch.Tensor | None = None) -> None:
         if param:
-            p[where] = 0
+            p[where] = 0 if fill is None else fill.to(p)
         state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
         for key in MOMENT_KEYS:
             if torch.is_tensor(state.get(key)) and state[key].shape == p.shape:
@@ -71,7 +74,8 @@ class DeepSpeedOptimizerState:
         return tuple(getattr(p, "ds_shape", p.shape))
 
     @torch.no_grad()
-    def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True) -> None:
+    def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True,
+                     fill: torch.Tensor | None = None) -> None:
         from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                                      safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
@@ -79,24 +83,24 @@ class DeepSpeedOptimizerState:
             full = safe_get_full_fp32_param(p)
             if full is not None:  # the fp32 master, which the next step copies into the model's copy
                 full = full.reshape(self._shape(p)).clone()
-                full[where] = 0
+                full[where] = 0 if fill is None else fill.to(full)
                 safe_set_full_fp32_param(p, full)
-            self._zero_model_copy(p, where)
+            self._set_model_copy(p, where, fill)
         for key in self._moment_keys():
             moment = safe_get_full_optimizer_state(p, key).reshape(self._shape(p)).clone()
             moment[where] = 0
             safe_set_full_optimizer_state(p, moment, key)
 
     @staticmethod
-    def _zero_model_copy(p: torch.nn.Parameter, where: torch.Tensor) -> None:
-        """Zero the model's (possibly low-precision) copy, which the next forward reads before any step."""
+    def _set_model_copy(p: torch.nn.Parameter, where: torch.Tensor, fill: torch.Tensor | None) -> None:
+        """Write the model's (possibly low-precision) copy, which the next forward reads before any step."""
         if hasattr(p, "ds_id"):  # ZeRO 3: gather the partitions, edit on every rank, re-partition
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                p.data[where] = 0
+                p.data[where] = 0 if fill is None else fill.to(p.data)
         else:
-            p.data[where] = 0
+            p.data[where] = 0 if fill is None else fill.to(p.data)
 
 
 def optimizer_state(optimizer_or_engine: Any) -> OptimizerState:
