@@ -3,8 +3,9 @@
 Shared field names (the law toolkit's contract): `name`, `dense_params` (dense-equivalent N in the paper fit's
 convention: every parameter but the input embedding table, see sparse_dc/model/params.py), `active_params` (the
 same over live parameters), `density`, `unique_tokens`, `tokens`, `val_loss`. The rest: raw totals
-(`*_params_total`, embedding included) and non-embedding counts, `epochs` (R = D / U), block size, DST method,
-throughput, wall time, config hash, git commit.
+(`*_params_total`, embedding included) and non-embedding counts, `effective_active_params` (the active ones on a
+live gradient path, the only ones that can train; sparse_dc.sparsity.paths), `epochs` (R = D / U), block size,
+block topology, DST method and regrowth init, throughput, wall time, config hash, git commit.
 
 Appends are one `write()` of a whole line on an O_APPEND descriptor under an exclusive `flock`, so concurrent runs
 sharing a ledger (an array job on one filesystem) never interleave or tear lines.
@@ -59,8 +60,9 @@ def read_ledger(path: str) -> list[dict[str, Any]]:
 
 
 def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens_per_s: float, wall_time_s: float,
-             steps: int, world_size: int) -> dict[str, Any]:
-    """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan."""
+             steps: int, world_size: int, dead_path_params: int = 0) -> dict[str, Any]:
+    """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan;
+    `dead_path_params`: live parameters on a dead gradient path at the end (sparse_dc.sparsity.paths)."""
     return {
         "name": cfg.name,
         "dense_params": counts.law_dense,
@@ -74,10 +76,13 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "dense_params_non_embedding": counts.dense_non_embedding,
         "active_params_non_embedding": counts.active_non_embedding,
         "density_measured": counts.density,
+        "effective_active_params": counts.law_active - dead_path_params,  # active_params that can train
         "epochs": plan.total_tokens / plan.unique_tokens,
         "seq_len": plan.seq_len,
         "block_size": cfg.sparsity.block_size,
         "dst_method": cfg.sparsity.method if cfg.sparsity.sparse else "dense",
+        "block_topology": cfg.sparsity.block_topology if cfg.sparsity.block_size > 1 else "independent",
+        "regrow_init": cfg.sparsity.regrow_init,
         "model_preset": cfg.model.preset,
         "global_batch": cfg.train.global_batch,
         "steps": steps,

@@ -24,6 +24,7 @@ from sparse_dc.data.loader import TokenBudget, TokenBudgetDataset
 from sparse_dc.errors import SparseDCError
 from sparse_dc.model import build_model, count_params, flops_per_token
 from sparse_dc.sparsity import DSTEngine, optimizer_state
+from sparse_dc.sparsity.paths import dead_path_warning
 from sparse_dc.train import ledger
 from sparse_dc.train.checkpoint import Checkpointer, ResumeError, StopSignal
 from sparse_dc.train.dist import DistEnv
@@ -92,7 +93,8 @@ class Trainer:
         self.vocab_size = model.vocab_size
         self.counts = count_params(model)
         self.engine = build_engine(cfg, model, denv.world_size, self.total_steps)
-        self.dst = DSTEngine(self.engine.module, cfg.sparsity, self.total_steps, optimizer_state(self.engine))
+        self.dst = DSTEngine(self.engine.module, cfg.sparsity, self.total_steps, optimizer_state(self.engine),
+                             active_params=self.counts.law_active)
         self.checkpointer = Checkpointer(self.run_dir, denv.rank, denv.world_size, self.tc.keep_checkpoints,
                                          self.tc.seed)
         self.step, self.samples, self.train_time, self.wall_time = 0, 0, 0.0, 0.0
@@ -152,6 +154,7 @@ class Trainer:
             flops_per_token(self.counts, shape, self.plan.seq_len, active=False),
             flops_per_token(self.counts, shape, self.plan.seq_len, active=True),
             device_peak_flops(tc.precision, tc.peak_flops), denv.world_size, tc.progress, tc.tensorboard)
+        self.warn_dead_paths(self.dst.stats())
         stop = StopSignal(self.device)
         dataset = TokenBudgetDataset(self.budget, tc.global_batch, tc.micro_batch, denv.rank, denv.world_size,
                                      self.samples)
@@ -217,8 +220,15 @@ class Trainer:
         stats = self.dst.end_step(step)
         if stats is not None:
             self.metrics.log({k: v for k, v in stats.items() if k != "layer_density"}, prefix="dst")
+            self.warn_dead_paths(stats)
         norm = self.engine.get_global_grad_norm()
         return loss, (float(norm) if norm is not None else None)
+
+    def warn_dead_paths(self, stats: dict[str, Any]) -> None:
+        """One line when fewer than 95% of the active parameters lie on a live gradient path."""
+        warning = dead_path_warning(stats)
+        if warning is not None:
+            self.metrics.message(warning)
 
     def forward_backward_step(self, tokens: torch.Tensor, n_tokens: int) -> torch.Tensor:
         """Forward + backward of one micro-batch tokens [micro, L]; returns its summed token loss (float64).
@@ -293,6 +303,7 @@ class Trainer:
                 self.metrics.message(f"WARNING: ranks hold different parameters/topology: {digests}")
         self.metrics.log(record, prefix="final")
         row = ledger.make_row(self.cfg, self.counts, self.plan, val_loss=val,
+                              dead_path_params=self.dst.dead_path_params(),
                               tokens_per_s=self.plan.total_tokens / max(self.train_time, 1e-9),
                               wall_time_s=self.elapsed(), steps=self.step, world_size=self.denv.world_size)
         if self.denv.is_main:
