@@ -1,0 +1,252 @@
+"""Block-sparse quality: does a block-sparse model train as well as an unstructured one at the same density?
+
+    python benchmarks/block_quality.py                          # the full grid (about 90 min on an idle 2-core CPU)
+    python benchmarks/block_quality.py --smoke --out /tmp/bq    # a few short runs (checks the script, ~3 min)
+
+One small Llama where blocks matter (hidden 128 = 4 heads of 32, SwiGLU 384, 2 layers, B = 32: 4 blocks per
+attention line, 4 per SwiGLU gate/up row), the built-in corpus (vocab 512), a fixed unique budget U trained for a
+few epochs. Grid: {unstructured (B = 1), independent 32x32 blocks, path-aware 32x32 blocks} x densities
+{0.5, 0.25, 0.125, 0.0625} x {SET, RigL}, plus regrowth at small normal values (sparsity.regrow_init=normal) for
+both block topologies at densities 0.25 and 0.0625, a second seed of two cells (the noise level), and one dense
+run: 35 runs. Every run is a real `sparse-dc train` (DeepSpeed ZeRO-1, one rank,
+fp32) launched by the sweep runner, `--jobs` at a time, one torch thread each; all append to one ledger, which
+is re-read for the table (a re-run skips finished runs). Reported per run: final validation loss, the measured
+density, the effective density (live weights on a live gradient path / dense weights of the sparse layers, at the
+end of training), and the share of live weights on dead paths of the initial topology.
+
+Writes OUT/ledger.jsonl, OUT/logs/, and RESULTS/block_quality.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+from typing import Any
+
+import yaml
+
+from sparse_dc.config.base import write_text_atomic
+from sparse_dc.launch.sweep import Run, expand, run_sweep
+from sparse_dc.train.ledger import read_ledger
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DENSITIES = (0.5, 0.25, 0.125, 0.0625)
+REGROW_DENSITIES = (0.25, 0.0625)  # where regrow_init=normal is also run, for both block topologies
+NOISE_DENSITY = 0.25  # a second seed (topology and weights) of unstructured and path-aware SET here
+METHODS = ("set", "rigl")
+# name -> sparsity overrides of a topology
+TOPOLOGIES = {
+    "unstructured": {"sparsity.block_size": 1},
+    "independent": {"sparsity.block_size": 32, "sparsity.block_topology": "independent"},
+    "path_aware": {"sparsity.block_size": 32, "sparsity.block_topology": "path_aware"},
+}
+SHAPE = {"preset": "tiny", "hidden_size": 128, "intermediate_size": 384, "n_heads": 4, "n_layers": 2}
+FULL = {"unique_tokens": 131_072, "epochs": 4, "seq_len": 128, "val_tokens": 16_384, "global_batch": 16,
+        "update_frequency": 16}
+SMOKE = {"unique_tokens": 8192, "epochs": 2, "seq_len": 64, "val_tokens": 4096, "global_batch": 8,
+         "update_frequency": 4}
+
+
+def base_config(out: str, data_dir: str, size: dict[str, int]) -> dict[str, Any]:
+    return {
+        "name": "block-quality", "output_dir": os.path.join(out, "runs"),
+        "data": {"dir": data_dir, "unique_tokens": size["unique_tokens"], "epochs": size["epochs"],
+                 "seq_len": size["seq_len"], "val_tokens": size["val_tokens"], "seed": 1234, "verify": "size"},
+        "model": dict(SHAPE),
+        "sparsity": {"method": "set", "prune_rate": 0.3, "prune_rate_decay": "cosine", "stop_fraction": 0.75,
+                     "update_frequency": size["update_frequency"], "seed": 0},
+        "train": {"micro_batch": size["global_batch"], "global_batch": size["global_batch"], "precision": "fp32",
+                  "optimizer": {"lr": 3e-3, "weight_decay": 0.1},
+                  "schedule": {"warmup_steps": 10, "decay": "cosine", "min_lr_ratio": 0.1},
+                  "deepspeed": {"zero_stage": 1}, "log_interval": 10, "eval_interval": 0, "checkpoint_interval": 0,
+                  "save_final": False, "tensorboard": False, "progress": False,
+                  "ledger": os.path.join(out, "ledger.jsonl")},
+    }
+
+
+def plan(base: str, densities: tuple[float, ...]) -> list[Run]:
+    """Every run of the grid (validated before any starts): topology x method x density, the regrowth variants,
+    a second seed of two cells, and the dense reference."""
+    grid = {"sparsity.method": list(METHODS), "sparsity.density": list(densities)}
+    regrow = {"sparsity.method": list(METHODS),
+              "sparsity.density": [d for d in densities if d in REGROW_DENSITIES] or [densities[-1]]}
+    runs = []
+    for topology, overrides in TOPOLOGIES.items():
+        extra = [f"{k}={v}" for k, v in overrides.items()]
+        runs += expand(base, grid, prefix=topology, extra=extra)
+        if topology != "unstructured":
+            runs += expand(base, regrow, prefix=f"{topology}-normal", extra=extra + ["sparsity.regrow_init=normal"])
+        if topology != "independent" and NOISE_DENSITY in densities:
+            runs += expand(base, {"sparsity.density": [NOISE_DENSITY]}, prefix=f"{topology}-seed1-set",
+                           extra=extra + ["sparsity.seed=1", "train.seed=1", "sparsity.method=set"])
+    runs += expand(base, {"sparsity.density": [1.0]}, prefix="dense")
+    return runs
+
+
+def run_all(runs: list[Run], base: str, ledger: str, log_dir: str, jobs: int) -> None:
+    """Run the grid `jobs` runs at a time (each a one-thread process; the ledger append is locked)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    shares = [runs[i::jobs] for i in range(jobs)]
+    threads = [threading.Thread(target=run_sweep, args=(share, base, ledger, log_dir), kwargs={"env": env})
+               for share in shares if share]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def initial_dead_fraction(run: Run) -> float:
+    """Share of live sparse-layer weights on a dead gradient path in the run's initial topology (masks only)."""
+    from sparse_dc.model.build import model_shape, sparse_layers
+    from sparse_dc.sparsity.distribution import allocate
+    from sparse_dc.sparsity.paths import Projection, dead_path_params, initial_masks, parse_projection
+
+    sparsity = run.config.sparsity
+    shape = model_shape(run.config.model, sparsity)
+    specs = sparse_layers(shape, sparsity)
+    if not specs:
+        return 0.0
+    counts = allocate(specs, sparsity)
+    masks = initial_masks(specs, counts, shape.n_heads, shape.hidden_size, sparsity)
+    blocks: dict[int, dict[str, Projection]] = {}
+    for spec in specs:
+        block, kind = parse_projection(spec.name)
+        blocks.setdefault(block, {})[kind] = Projection(kind, spec.out_features, spec.in_features, masks[spec.name])
+    dead = sum(sum(dead_path_params(b, shape.n_heads).values()) for b in blocks.values())
+    return dead / (sum(counts.values()) * sparsity.block_size ** 2)
+
+
+def table_rows(ledger: str, runs: list[Run]) -> list[dict[str, Any]]:
+    by_name = {r["name"]: r for r in read_ledger(ledger)} if os.path.exists(ledger) else {}
+    rows = []
+    for run in runs:
+        row = by_name.get(run.name)
+        if row is None:
+            continue
+        dead = row["active_params"] - row["effective_active_params"]
+        rows.append({"name": run.name, "topology": run.name.split("-")[0], "seed": run.config.sparsity.seed,
+                     "regrow_init": row.get("regrow_init", "zero"), "method": row["dst_method"],
+                     "density": row["density"], "val_loss": row["val_loss"],
+                     "density_measured": row["density_measured"],
+                     "effective_density": (row["active_params_non_embedding"] - dead)
+                     / row["dense_params_non_embedding"],
+                     "dead_share_init": initial_dead_fraction(run), "wall_time_s": row["wall_time_s"]})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    dense = next((r["val_loss"] for r in rows if r["method"] == "dense"), None)
+    lines = [f"# Block-sparse quality ({meta['mode']})", "",
+             f"Model {meta['shape']}, B = 32 for blocks; U = {meta['size']['unique_tokens']:,} tokens x "
+             f"{meta['size']['epochs']} epochs, seq {meta['size']['seq_len']}; DST prune rate 0.3 (cosine), update "
+             f"every {meta['size']['update_frequency']} steps. Dense val loss: {dense}. Grid wall time "
+             f"{meta['wall_time_s'] / 60:.0f} min on {meta['host']} ({meta['load']}).", "",
+             "Validation loss (effective density / share of live weights on dead paths at init):", ""]
+    variants = [("unstructured", "zero"), ("independent", "zero"), ("path_aware", "zero"),
+                ("independent", "normal"), ("path_aware", "normal")]
+    header = "| method | density | " + " | ".join(f"{t} ({r})" if t != "unstructured" else t
+                                                   for t, r in variants) + " |"
+    lines += [header, "|" + "---|" * (2 + len(variants))]
+    for method in METHODS:
+        for density in meta["densities"]:
+            cells = []
+            for topology, regrow in variants:
+                hit = [r for r in rows if r["topology"] == topology and r["method"] == method and r["seed"] == 0
+                       and r["density"] == density and r["regrow_init"] == regrow]
+                cells.append(f"{hit[0]['val_loss']:.4f} ({hit[0]['effective_density']:.3f} / "
+                             f"{hit[0]['dead_share_init']:.0%})" if hit else "-")
+            lines.append(f"| {method} | {density} | " + " | ".join(cells) + " |")
+    for topology in ("unstructured", "path_aware"):
+        pair = [r["val_loss"] for r in rows if r["topology"] == topology and r["method"] == "set"
+                and r["density"] == NOISE_DENSITY and r["regrow_init"] == "zero"]
+        if len(pair) == 2:
+            lines.append(f"\nSeed noise, {topology} SET at density {NOISE_DENSITY}: seed 0 {pair[0]:.4f}, seed 1 "
+                         f"{pair[1]:.4f} (difference {abs(pair[0] - pair[1]):.4f}).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], densities: tuple[float, ...], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    dense = next((r["val_loss"] for r in rows if r["method"] == "dense"), None)
+    styles = {("unstructured", "zero"): ("k", "o", "-"), ("independent", "zero"): ("tab:red", "s", "-"),
+              ("path_aware", "zero"): ("tab:blue", "^", "-"), ("independent", "normal"): ("tab:red", "s", ":"),
+              ("path_aware", "normal"): ("tab:blue", "^", ":")}
+    for ax, method in zip(axes, METHODS):
+        for (topology, regrow), (color, marker, line) in styles.items():
+            pts = sorted((r["density"], r["val_loss"]) for r in rows if r["method"] == method and r["seed"] == 0
+                         and r["topology"] == topology and r["regrow_init"] == regrow)
+            if pts:
+                label = topology if topology == "unstructured" else f"{topology} blocks, regrow {regrow}"
+                ax.plot(*zip(*pts), color=color, marker=marker, linestyle=line, label=label)
+        if dense is not None:
+            ax.axhline(dense, color="grey", linestyle="--", label="dense")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(densities), [str(d) for d in densities])
+        ax.set_xlabel("density")
+        ax.set_title(method.upper())
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final validation loss")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def prepare_data(out: str) -> str:
+    from sparse_dc.data.prepare import PrepareConfig, prepare
+
+    data_dir = os.path.join(out, "data")
+    if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
+        prepare(PrepareConfig(builtin=True, out=data_dir, vocab_size=512, workers=1))
+    return data_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/block-quality", help="data, runs, logs and the ledger")
+    p.add_argument("--results", default=RESULTS, help="where the table, JSON and plot go")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
+    p.add_argument("--smoke", action="store_true", help="short runs at density 0.0625 only (development)")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        print(f"--jobs={args.jobs}: expected an integer >= 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    size, densities = (SMOKE, (0.0625,)) if args.smoke else (FULL, DENSITIES)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    data_dir = prepare_data(out)
+    base = os.path.join(out, "base.yaml")
+    write_text_atomic(base, yaml.safe_dump(base_config(out, data_dir, size), sort_keys=False))
+    runs = plan(base, densities)
+    ledger = os.path.join(out, "ledger.jsonl")
+    start, load_before = time.time(), os.getloadavg()
+    run_all(runs, base, ledger, os.path.join(out, "logs"), args.jobs)
+    rows = table_rows(ledger, runs)
+    meta = {"mode": "smoke" if args.smoke else "full", "shape": SHAPE, "size": size, "densities": densities,
+            "jobs": args.jobs, "runs": len(runs), "finished": len(rows), "wall_time_s": time.time() - start,
+            "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
+            "load": f"load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end",
+            "python": sys.version.split()[0]}
+    stem = os.path.join(args.results, "block_quality" + ("_smoke" if args.smoke else ""))
+    os.makedirs(args.results, exist_ok=True)
+    text = markdown(rows, meta)
+    write_text_atomic(stem + ".md", text)
+    write_text_atomic(stem + ".json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    plot(rows, densities, stem + ".png")
+    print(text)
+    print(f"wrote {stem}.md, .json, .png ({len(rows)} of {len(runs)} runs finished)")
+    return 0 if len(rows) == len(runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
