@@ -1,7 +1,7 @@
 """DST under DeepSpeed ZeRO 1/2/3 on 2 CPU ranks (gloo): identical topology on every rank although each rank sees
 different data, regrown/dropped units' fp32 weights and Adam moments exactly zero after updates, pruned entries
-still zero after further steps, the accessor working after load_checkpoint (the 0.19.8 post-load bug), and block
-RigL growing what the dense gradient summed over both ranks' micro-batches says. One torchrun launch serves all."""
+still zero after further steps, regrowth at normal values (non-zero, the same on both ranks, zero moments), the
+accessor working after load_checkpoint (the 0.19.8 post-load bug), and block RigL growing what the dense gradient summed over both ranks' micro-batches says. One torchrun launch serves all."""
 import json
 import os
 import socket
@@ -11,7 +11,8 @@ import sys
 import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "dst_zero_worker.py")
-ZERO_CASES = {f"zero{s}-{case}" for s in (1, 2, 3) for case in ("B1-rigl", "B32-rigl", "B32-set")}
+ZERO_CASES = {f"zero{s}-{case}" for s in (1, 2, 3)
+              for case in ("B1-rigl", "B32-rigl", "B32-set", "B1-set-normal", "B32-set-normal")}
 
 
 def _free_port() -> int:
@@ -42,9 +43,10 @@ def test_topology_identical_and_moments_reset_under_zero(ranks):
         assert r0["hashes"] == r1["hashes"], f"{key}: topology differs between ranks"
         assert r0["hashes"][0] != r0["hashes"][1], f"{key}: the second update changed nothing"
         assert all(c > 0 for c in r0["changed"]), key
-        assert r0["reset_zero"] and r1["reset_zero"], f"{key}: regrown weights or moments not zero"
+        assert r0["reset_zero"] and r1["reset_zero"], f"{key}: regrown or dropped units: weights or moments wrong"
         assert r0["pruned_zero"] and r1["pruned_zero"], f"{key}: pruned weights moved"
         assert r0["live"] == r1["live"]
+        assert r0.get("grown_values") == r1.get("grown_values")  # normal regrowth: the same values on both ranks
 
 
 @pytest.mark.slow

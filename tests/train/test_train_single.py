@@ -10,6 +10,7 @@ import pytest
 
 from sparse_dc.train.config import ScheduleConfig
 from sparse_dc.train.dist import first_slurm_host, setup_env
+from sparse_dc.train.ledger import read_ledger
 from train_harness import Run, run_train, start_train, wait_for_step, write_config
 
 
@@ -40,6 +41,23 @@ def test_nan_loss_stops_with_a_clear_message(prepared_data, tmp_path):
     assert run.proc.returncode == 2
     line = run.proc.stderr.strip().splitlines()[-1]
     assert line.startswith("sparse-dc train: error: loss is") and "no checkpoint was saved yet" in line
+
+
+@pytest.mark.slow
+def test_dead_gradient_paths_warn_and_reach_the_ledger(prepared_data, tmp_path):
+    """Independent 32x32 block masks at density 0.0625 leave live blocks on dead paths: one warning line at start
+    and at updates, and the ledger's effective_active_params falls short of active_params by the final count."""
+    config = write_config(tmp_path, prepared_data, "dead-paths", "block", 1, eval_interval=0)
+    run = run_train(tmp_path, config, 1, "sparsity.block_topology=independent", "sparsity.density=0.0625")
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    warnings = [line for line in run.proc.stdout.splitlines() if "dead gradient path" in line]
+    assert warnings[0].startswith("WARNING: step 0: ") and "effective_active_params=" in warnings[0]
+    assert len(warnings) >= 2 and all(w.startswith("WARNING: step ") for w in warnings)
+    (row,) = read_ledger(str(tmp_path / "ledger.jsonl"))
+    dead = run.final()["dst"]["dead_path_params"]
+    assert dead > 0.05 * row["active_params"]
+    assert row["effective_active_params"] == row["active_params"] - dead
+    assert row["block_topology"] == "independent" and row["regrow_init"] == "zero"
 
 
 @pytest.mark.parametrize("override, message", [
