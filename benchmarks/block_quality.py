@@ -4,11 +4,11 @@
     python benchmarks/block_quality.py --smoke --out /tmp/bq    # a few short runs (checks the script, ~3 min)
 
 One small Llama where blocks matter (hidden 128 = 4 heads of 32, SwiGLU 384, 2 layers, B = 32: 4 blocks per
-attention line, 4 per SwiGLU gate/up row), the built-in corpus (vocab 512), a fixed unique budget U trained for a
-few epochs. Grid: {unstructured (B = 1), independent 32x32 blocks, path-aware 32x32 blocks} x densities
-{0.5, 0.25, 0.125, 0.0625} x {SET, RigL}, plus regrowth at small normal values (sparsity.regrow_init=normal) for
-both block topologies at densities 0.25 and 0.0625, a second seed of two cells (the noise level), and one dense
-run: 35 runs. Every run is a real `sparse-dc train` (DeepSpeed ZeRO-1, one rank,
+attention line, 4 per SwiGLU gate/up row), the built-in corpus (vocab 512), a fixed unique budget U = 262K tokens
+trained for 2 epochs. Grid: {unstructured (B = 1), independent 32x32 blocks, path-aware 32x32 blocks} x densities
+{0.5, 0.25, 0.125, 0.0625} x {SET, RigL} x 2 seeds (topology and weights: at this size seeds differ by up to
+~0.08 in loss, as much as the effects), plus regrowth at small normal values (sparsity.regrow_init=normal) for
+both block topologies at densities 0.25 and 0.0625 (seed 0), plus a dense run per seed: 58 runs. Every run is a real `sparse-dc train` (DeepSpeed ZeRO-1, one rank,
 fp32) launched by the sweep runner, `--jobs` at a time, one torch thread each; all append to one ledger, which
 is re-read for the table (a re-run skips finished runs). Reported per run: final validation loss, the measured
 density, the effective density (live weights on a live gradient path / dense weights of the sparse layers, at the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import os
 import platform
@@ -36,8 +37,7 @@ from sparse_dc.train.ledger import read_ledger
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DENSITIES = (0.5, 0.25, 0.125, 0.0625)
-REGROW_DENSITIES = (0.25, 0.0625)  # where regrow_init=normal is also run, for both block topologies
-NOISE_DENSITY = 0.25  # a second seed (topology and weights) of unstructured and path-aware SET here
+REGROW_DENSITIES = (0.25, 0.0625)  # where regrow_init=normal is also run, for both block topologies (seed 0)
 METHODS = ("set", "rigl")
 # name -> sparsity overrides of a topology
 TOPOLOGIES = {
@@ -46,7 +46,9 @@ TOPOLOGIES = {
     "path_aware": {"sparsity.block_size": 32, "sparsity.block_topology": "path_aware"},
 }
 SHAPE = {"preset": "tiny", "hidden_size": 128, "intermediate_size": 384, "n_heads": 4, "n_layers": 2}
-FULL = {"unique_tokens": 131_072, "epochs": 4, "seq_len": 128, "val_tokens": 16_384, "global_batch": 16,
+# 2 epochs: with more, the multi-epoch regime rewards the sparser models for overfitting less (the paper's
+# effect), which a 4-epoch trial showed swamping the topology comparison
+FULL = {"unique_tokens": 262_144, "epochs": 2, "seq_len": 128, "val_tokens": 32_768, "global_batch": 16,
         "update_frequency": 16}
 SMOKE = {"unique_tokens": 8192, "epochs": 2, "seq_len": 64, "val_tokens": 4096, "global_batch": 8,
          "update_frequency": 4}
@@ -61,7 +63,7 @@ def base_config(out: str, data_dir: str, size: dict[str, int]) -> dict[str, Any]
         "sparsity": {"method": "set", "prune_rate": 0.3, "prune_rate_decay": "cosine", "stop_fraction": 0.75,
                      "update_frequency": size["update_frequency"], "seed": 0},
         "train": {"micro_batch": size["global_batch"], "global_batch": size["global_batch"], "precision": "fp32",
-                  "optimizer": {"lr": 3e-3, "weight_decay": 0.1},
+                  "optimizer": {"lr": 2e-3, "weight_decay": 0.1},
                   "schedule": {"warmup_steps": 10, "decay": "cosine", "min_lr_ratio": 0.1},
                   "deepspeed": {"zero_stage": 1}, "log_interval": 10, "eval_interval": 0, "checkpoint_interval": 0,
                   "save_final": False, "tensorboard": False, "progress": False,
@@ -69,22 +71,23 @@ def base_config(out: str, data_dir: str, size: dict[str, int]) -> dict[str, Any]
     }
 
 
-def plan(base: str, densities: tuple[float, ...]) -> list[Run]:
-    """Every run of the grid (validated before any starts): topology x method x density, the regrowth variants,
-    a second seed of two cells, and the dense reference."""
+def plan(base: str, densities: tuple[float, ...], seeds: int) -> list[Run]:
+    """Every run of the grid (validated before any starts): topology x method x density for each seed (topology
+    and weights; seed s > 0 is named `<topology>-seed<s>-...`), the regrowth variants (seed 0) and the dense
+    reference (each seed)."""
     grid = {"sparsity.method": list(METHODS), "sparsity.density": list(densities)}
     regrow = {"sparsity.method": list(METHODS),
               "sparsity.density": [d for d in densities if d in REGROW_DENSITIES] or [densities[-1]]}
     runs = []
-    for topology, overrides in TOPOLOGIES.items():
-        extra = [f"{k}={v}" for k, v in overrides.items()]
-        runs += expand(base, grid, prefix=topology, extra=extra)
-        if topology != "unstructured":
-            runs += expand(base, regrow, prefix=f"{topology}-normal", extra=extra + ["sparsity.regrow_init=normal"])
-        if topology != "independent" and NOISE_DENSITY in densities:
-            runs += expand(base, {"sparsity.density": [NOISE_DENSITY]}, prefix=f"{topology}-seed1-set",
-                           extra=extra + ["sparsity.seed=1", "train.seed=1", "sparsity.method=set"])
-    runs += expand(base, {"sparsity.density": [1.0]}, prefix="dense")
+    for seed in range(seeds):
+        tag, seeded = (f"-seed{seed}", [f"sparsity.seed={seed}", f"train.seed={seed}"]) if seed else ("", [])
+        for topology, overrides in TOPOLOGIES.items():
+            extra = [f"{k}={v}" for k, v in overrides.items()] + seeded
+            runs += expand(base, grid, prefix=topology + tag, extra=extra)
+            if topology != "unstructured" and seed == 0:
+                runs += expand(base, regrow, prefix=f"{topology}-normal",
+                               extra=extra + ["sparsity.regrow_init=normal"])
+        runs += expand(base, {"sparsity.density": [1.0]}, prefix="dense" + tag, extra=seeded)
     return runs
 
 
@@ -129,7 +132,7 @@ def table_rows(ledger: str, runs: list[Run]) -> list[dict[str, Any]]:
         if row is None:
             continue
         dead = row["active_params"] - row["effective_active_params"]
-        rows.append({"name": run.name, "topology": run.name.split("-")[0], "seed": run.config.sparsity.seed,
+        rows.append({"name": run.name, "topology": run.name.split("-")[0], "seed": run.config.train.seed,
                      "regrow_init": row.get("regrow_init", "zero"), "method": row["dst_method"],
                      "density": row["density"], "val_loss": row["val_loss"],
                      "density_measured": row["density_measured"],
@@ -139,34 +142,58 @@ def table_rows(ledger: str, runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
+VARIANTS = [("unstructured", "zero"), ("independent", "zero"), ("path_aware", "zero"), ("independent", "normal"),
+            ("path_aware", "normal")]
+
+
+def cell(rows: list[dict[str, Any]], topology: str, regrow: str, method: str, density: float) -> list[dict]:
+    """The runs (one per seed) of one grid cell."""
+    return [r for r in rows if r["topology"] == topology and r["regrow_init"] == regrow and r["method"] == method
+            and r["density"] == density]
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    dense = next((r["val_loss"] for r in rows if r["method"] == "dense"), None)
+    dense = [r["val_loss"] for r in rows if r["method"] == "dense"]
     lines = [f"# Block-sparse quality ({meta['mode']})", "",
              f"Model {meta['shape']}, B = 32 for blocks; U = {meta['size']['unique_tokens']:,} tokens x "
-             f"{meta['size']['epochs']} epochs, seq {meta['size']['seq_len']}; DST prune rate 0.3 (cosine), update "
-             f"every {meta['size']['update_frequency']} steps. Dense val loss: {dense}. Grid wall time "
-             f"{meta['wall_time_s'] / 60:.0f} min on {meta['host']} ({meta['load']}).", "",
-             "Validation loss (effective density / share of live weights on dead paths at init):", ""]
-    variants = [("unstructured", "zero"), ("independent", "zero"), ("path_aware", "zero"),
-                ("independent", "normal"), ("path_aware", "normal")]
-    header = "| method | density | " + " | ".join(f"{t} ({r})" if t != "unstructured" else t
-                                                   for t, r in variants) + " |"
-    lines += [header, "|" + "---|" * (2 + len(variants))]
+             f"{meta['size']['epochs']} epochs, seq {meta['size']['seq_len']}, batch {meta['size']['global_batch']}; "
+             f"DST prune rate 0.3 (cosine to 0 at 75% of the run), update every {meta['size']['update_frequency']} "
+             f"steps. Dense val loss {mean(dense) if dense else math.nan:.4f} (seeds: "
+             f"{', '.join(f'{v:.4f}' for v in dense)}). "
+             f"{meta['runs']} runs, {meta['jobs']} at a time, wall time {meta['wall_time_s'] / 60:.0f} min on "
+             f"{meta['host']} ({meta['load']}).", "",
+             "Final validation loss, mean over seeds (seeds 0..n-1 for the zero-regrowth columns, seed 0 for "
+             "`normal`), then (effective density at the end / share of live weights on dead paths at init):", ""]
+    lines += ["| method | density | " + " | ".join(t if t == "unstructured" else f"{t} ({r})" for t, r in VARIANTS)
+              + " |", "|" + "---|" * (2 + len(VARIANTS))]
     for method in METHODS:
         for density in meta["densities"]:
             cells = []
-            for topology, regrow in variants:
-                hit = [r for r in rows if r["topology"] == topology and r["method"] == method and r["seed"] == 0
-                       and r["density"] == density and r["regrow_init"] == regrow]
-                cells.append(f"{hit[0]['val_loss']:.4f} ({hit[0]['effective_density']:.3f} / "
-                             f"{hit[0]['dead_share_init']:.0%})" if hit else "-")
+            for topology, regrow in VARIANTS:
+                hit = cell(rows, topology, regrow, method, density)
+                cells.append(f"{mean([r['val_loss'] for r in hit]):.4f} "
+                             f"({mean([r['effective_density'] for r in hit]):.3f} / "
+                             f"{mean([r['dead_share_init'] for r in hit]):.0%})" if hit else "-")
             lines.append(f"| {method} | {density} | " + " | ".join(cells) + " |")
-    for topology in ("unstructured", "path_aware"):
-        pair = [r["val_loss"] for r in rows if r["topology"] == topology and r["method"] == "set"
-                and r["density"] == NOISE_DENSITY and r["regrow_init"] == "zero"]
-        if len(pair) == 2:
-            lines.append(f"\nSeed noise, {topology} SET at density {NOISE_DENSITY}: seed 0 {pair[0]:.4f}, seed 1 "
-                         f"{pair[1]:.4f} (difference {abs(pair[0] - pair[1]):.4f}).")
+    lines += ["", "Block minus unstructured validation loss per seed (negative: blocks better), and the seed-to-seed "
+              "spread of unstructured:", "",
+              "| method | density | independent - unstructured | path_aware - unstructured | unstructured max - min |",
+              "|---|---|---|---|---|"]
+    for method in METHODS:
+        for density in meta["densities"]:
+            base = {r["seed"]: r["val_loss"] for r in cell(rows, "unstructured", "zero", method, density)}
+            if not base:
+                continue
+            diffs = []
+            for topology in ("independent", "path_aware"):
+                other = {r["seed"]: r["val_loss"] for r in cell(rows, topology, "zero", method, density)}
+                diffs.append(", ".join(f"{other[s] - base[s]:+.4f}" for s in sorted(base) if s in other) or "-")
+            spread = f"{max(base.values()) - min(base.values()):.4f}" if len(base) > 1 else "-"
+            lines.append(f"| {method} | {density} | {diffs[0]} | {diffs[1]} | {spread} |")
     return "\n".join(lines) + "\n"
 
 
@@ -177,23 +204,27 @@ def plot(rows: list[dict[str, Any]], densities: tuple[float, ...], path: str) ->
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    dense = next((r["val_loss"] for r in rows if r["method"] == "dense"), None)
+    dense = [r["val_loss"] for r in rows if r["method"] == "dense"]
     styles = {("unstructured", "zero"): ("k", "o", "-"), ("independent", "zero"): ("tab:red", "s", "-"),
               ("path_aware", "zero"): ("tab:blue", "^", "-"), ("independent", "normal"): ("tab:red", "s", ":"),
               ("path_aware", "normal"): ("tab:blue", "^", ":")}
     for ax, method in zip(axes, METHODS):
         for (topology, regrow), (color, marker, line) in styles.items():
-            pts = sorted((r["density"], r["val_loss"]) for r in rows if r["method"] == method and r["seed"] == 0
-                         and r["topology"] == topology and r["regrow_init"] == regrow)
-            if pts:
-                label = topology if topology == "unstructured" else f"{topology} blocks, regrow {regrow}"
-                ax.plot(*zip(*pts), color=color, marker=marker, linestyle=line, label=label)
-        if dense is not None:
-            ax.axhline(dense, color="grey", linestyle="--", label="dense")
+            pts = [(d, [r["val_loss"] for r in cell(rows, topology, regrow, method, d)]) for d in densities]
+            pts = [(d, v) for d, v in pts if v]
+            if not pts:
+                continue
+            x, ys = [d for d, _ in pts], [v for _, v in pts]
+            mid = [mean(v) for v in ys]
+            err = [[m - min(v) for m, v in zip(mid, ys)], [max(v) - m for m, v in zip(mid, ys)]]
+            label = topology if topology == "unstructured" else f"{topology} blocks, regrow {regrow}"
+            ax.errorbar(x, mid, yerr=err, color=color, marker=marker, linestyle=line, capsize=3, label=label)
+        if dense:
+            ax.axhline(mean(dense), color="grey", linestyle="--", label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(densities), [str(d) for d in densities])
         ax.set_xlabel("density")
-        ax.set_title(method.upper())
+        ax.set_title(f"{method.upper()} (mean and range over seeds)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final validation loss")
     axes[1].legend(fontsize=8)
@@ -215,11 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/block-quality", help="data, runs, logs and the ledger")
     p.add_argument("--results", default=RESULTS, help="where the table, JSON and plot go")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one torch thread each)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds (topology and weights) of the main grid")
     p.add_argument("--smoke", action="store_true", help="short runs at density 0.0625 only (development)")
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        print(f"--jobs={args.jobs}: expected an integer >= 1", file=sys.stderr)
-        return 2
+    for name in ("jobs", "seeds"):
+        if getattr(args, name) < 1:
+            print(f"--{name}={getattr(args, name)}: expected an integer >= 1", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     size, densities = (SMOKE, (0.0625,)) if args.smoke else (FULL, DENSITIES)
     out = os.path.abspath(args.out)
@@ -227,12 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = prepare_data(out)
     base = os.path.join(out, "base.yaml")
     write_text_atomic(base, yaml.safe_dump(base_config(out, data_dir, size), sort_keys=False))
-    runs = plan(base, densities)
+    runs = plan(base, densities, args.seeds)
     ledger = os.path.join(out, "ledger.jsonl")
     start, load_before = time.time(), os.getloadavg()
     run_all(runs, base, ledger, os.path.join(out, "logs"), args.jobs)
     rows = table_rows(ledger, runs)
     meta = {"mode": "smoke" if args.smoke else "full", "shape": SHAPE, "size": size, "densities": densities,
+            "seeds": args.seeds,
             "jobs": args.jobs, "runs": len(runs), "finished": len(rows), "wall_time_s": time.time() - start,
             "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
             "load": f"load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end",

@@ -32,7 +32,7 @@ Why the open lines are fixed: RigL scores a dead block by its dense gradient, wh
 line is closed (a gate block of a closed SwiGLU feature, a v block whose o column is empty), so RigL can neither
 see nor rank the value of opening a line; SET would open one blindly, and a family whose lines are all regrown at
 zero is a saddle (every partner 0, every gradient 0) no update leaves. Within the open lines RigL's scores are
-informative. At a layer density >= B / line length every line is open and the rule only keeps one block per line;
+informative. At a layer density >= B / line length every line is open, so the rule costs nothing but the refill;
 below it some features stay unused, the price of a block budget smaller than one block per line.
 Heads whose size is not a multiple of B: a block line may span two heads. Value lines are chosen to reach as
 many heads as possible, and score lines are taken from lines whose heads all have an open value line while the
