@@ -1,16 +1,16 @@
 """Block-sparse quality: does a block-sparse model train as well as an unstructured one at the same density?
 
     python benchmarks/block_quality.py                          # the full grid (about 90 min on an idle 2-core CPU)
-    python benchmarks/block_quality.py --smoke --out /tmp/bq    # a few short runs (checks the script, ~3 min)
+    python benchmarks/block_quality.py --smoke --seeds 1 --out /tmp/bq   # 11 short runs (checks the script)
 
 One small Llama where blocks matter (hidden 128 = 4 heads of 32, SwiGLU 384, 2 layers, B = 32: 4 blocks per
 attention line, 4 per SwiGLU gate/up row), the built-in corpus (vocab 512), a fixed unique budget U = 262K tokens
 trained for 2 epochs. Grid: {unstructured (B = 1), independent 32x32 blocks, path-aware 32x32 blocks} x densities
 {0.5, 0.25, 0.125, 0.0625} x {SET, RigL} x 2 seeds (topology and weights: at this size seeds differ by up to
 ~0.08 in loss, as much as the effects), plus regrowth at small normal values (sparsity.regrow_init=normal) for
-both block topologies at densities 0.25 and 0.0625 (seed 0), plus a dense run per seed: 58 runs. Every run is a real `sparse-dc train` (DeepSpeed ZeRO-1, one rank,
-fp32) launched by the sweep runner, `--jobs` at a time, one torch thread each; all append to one ledger, which
-is re-read for the table (a re-run skips finished runs). Reported per run: final validation loss, the measured
+both block topologies at densities 0.25 and 0.0625 (seed 0), plus a dense run per seed: 58 runs. Every run is
+a real `sparse-dc train` (DeepSpeed ZeRO-1, one rank, fp32) launched by the sweep runner, `--jobs` at a time, one
+torch thread each; all append to one ledger, which is re-read for the table (a re-run skips finished runs). Reported per run: final validation loss, the measured
 density, the effective density (live weights on a live gradient path / dense weights of the sparse layers, at the
 end of training), and the share of live weights on dead paths of the initial topology.
 
