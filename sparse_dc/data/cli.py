@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text/.md, .jsonl, .parquet files, folders of them, or saved HF datasets directories")
     src.add_argument("--builtin", action="store_true",
                      help="the built-in corpus: Python standard-library docstrings + language reference")
+    src.add_argument("--hf-dataset", metavar="NAME",
+                     help="stream a dataset through datasets.load_dataset(..., streaming=True): a hub name "
+                          "(allenai/c4), json/parquet/text with --hf-data-files, or a local dataset folder")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--text-field", default="text", help="JSONL field / parquet or HF column with the text")
     p.add_argument("--doc-boundary", default="file", choices=["file", "blankline", "line"],
@@ -37,6 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     p.add_argument("--seed", type=int, default=0, help="seeds the document order")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    hf = p.add_argument_group("streaming (--hf-dataset)")
+    hf.add_argument("--hf-config", metavar="CONFIG", help="the dataset's configuration (C4: en)")
+    hf.add_argument("--hf-split", default="train", help="split streamed for training")
+    hf.add_argument("--hf-data-files", nargs="+", metavar="GLOB",
+                    help="data-file patterns, each GLOB (the --hf-split split) or SPLIT=GLOB")
+    hf.add_argument("--hf-revision", metavar="REV", help="hub branch, tag or commit (the manifest records the commit)")
+    hf.add_argument("--max-tokens", type=_quantity, help="write exactly this many training tokens, then stop reading")
+    hf.add_argument("--shuffle-buffer", type=_quantity, default=0,
+                    help="0: the stream's order; N: files and records shuffled through a seeded N-record buffer")
+    hf.add_argument("--tokenizer-docs", type=_quantity, default=100_000,
+                    help="without --tokenizer: train it on the stream's first this-many documents")
+    val = p.add_argument_group("held-out validation set (used by training instead of a prefix of the corpus)")
+    val.add_argument("--val-input", nargs="+", dest="val_inputs", metavar="PATH",
+                     help="files/folders of the validation set (not the training inputs)")
+    val.add_argument("--val-split", metavar="SPLIT",
+                     help="read the validation set from this split of the stream (or of saved HF DatasetDicts)")
+    val.add_argument("--val-tokens", type=_quantity, help="tokens of the validation set (its first ones)")
 
     i = sub.add_parser("inspect", help="print the token plan a run with this budget would see")
     i.add_argument("dir")
@@ -63,10 +83,19 @@ def _prepare(args: argparse.Namespace) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k != "action" and v is not None}
     cfg = PrepareConfig.from_dict({**fields, "inputs": args.inputs or []})
-    manifest = prepare(cfg)
+    if cfg.hf_dataset is not None:
+        from sparse_dc.data.stream_prepare import prepare_stream
+
+        manifest = prepare_stream(cfg)
+    else:
+        manifest = prepare(cfg)
     print(f"wrote {cfg.out}: {manifest['total_documents']} documents, {manifest['total_tokens']} tokens in "
           f"{len(manifest['shards'])} shard(s), {manifest['dtype']}, vocab {manifest['tokenizer']['vocab_size']} "
           f"({manifest['seconds']} s)")
+    if "validation" in manifest:
+        held_out = manifest["validation"]
+        print(f"held-out validation set: {held_out['tokens']} tokens, {held_out['documents']} documents from "
+              f"{held_out['description']}")
     return 0
 
 

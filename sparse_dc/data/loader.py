@@ -6,6 +6,12 @@ Layout of the prepared token stream (documents already in a seeded order, see sh
                                (dropped, so no document    ^ starts at a document boundary
                                 is in both sets)
 
+A directory prepared with a held-out validation set (`prepare --val-input/--val-split`, from another input or
+split, as the paper's C4 validation) evaluates on its first val_tokens tokens instead, and the pool starts at
+token 0 of the training stream (`val_source` "heldout" in the plan, "prefix" otherwise):
+
+    training stream: [ unique pool: U tokens | unused ... ]     held-out set: [ validation: val_tokens | ... ]
+
 The pool is cut into n = floor(U / L) sequences of L tokens (a tail of U mod L tokens is reported, never seen).
 Training sample i is sequence perm_e[i mod n] of epoch e = i // n, where perm_e is a permutation seeded by
 (seed, e); there are D / L samples, so the last epoch may be partial. Global batch b is samples [b*G, (b+1)*G) and
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 
 from sparse_dc.data.config import DataConfig
-from sparse_dc.data.shards import TokenStream, open_stream
+from sparse_dc.data.shards import TokenStream, open_stream, open_validation
 from sparse_dc.data.sources import DataError
 
 
@@ -44,27 +50,44 @@ class BudgetPlan:
     min_repeats: int
     max_repeats: int
     seed: int
+    val_source: str = "prefix"  # "prefix": the first val_tokens of the stream; "heldout": the prepared held-out set
+    val_from: str = ""  # where the validation tokens come from (the held-out set's source)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def make_plan(corpus_tokens: int, doc_ends: np.ndarray, unique_tokens: int, seq_len: int, seed: int,
-              epochs: float | None = None, total_tokens: int | None = None, val_tokens: int = 0) -> BudgetPlan:
-    """Work out the exact plan, or raise DataError naming the impossible number."""
+              epochs: float | None = None, total_tokens: int | None = None, val_tokens: int = 0,
+              held_out: dict | None = None) -> BudgetPlan:
+    """Work out the exact plan, or raise DataError naming the impossible number.
+
+    `held_out`: the manifest's `validation` entry when the directory has a held-out set (validation comes from it
+    and the pool starts at 0); None carves the validation set off the front of the stream."""
     if (epochs is None) == (total_tokens is None):
         raise DataError("expected exactly one of epochs and total_tokens")
     if seq_len > unique_tokens:
         raise DataError(f"seq_len={seq_len} is larger than unique_tokens={unique_tokens}: expected L <= U")
-    if val_tokens > corpus_tokens:
-        raise DataError(f"val_tokens={val_tokens} exceeds the corpus ({corpus_tokens} tokens)")
-    # The pool starts at the first document boundary at or after the validation cut.
-    boundary = int(np.searchsorted(doc_ends, val_tokens, side="left")) if val_tokens else -1
-    train_start = 0 if val_tokens == 0 else int(doc_ends[boundary]) if boundary < len(doc_ends) else corpus_tokens
-    available = corpus_tokens - train_start
-    if unique_tokens > available:
-        raise DataError(f"unique_tokens={unique_tokens} exceeds the {available} tokens left after the "
-                        f"{val_tokens}-token validation split (corpus: {corpus_tokens} tokens)")
+    if held_out is not None:
+        if val_tokens > held_out["tokens"]:
+            raise DataError(f"val_tokens={val_tokens} exceeds the held-out validation set ({held_out['tokens']} "
+                            f"tokens of {held_out['description']}): expected data.val_tokens <= {held_out['tokens']}")
+        train_start, val_source, val_from = 0, "heldout", held_out["description"]
+        if unique_tokens > corpus_tokens:
+            raise DataError(f"unique_tokens={unique_tokens} exceeds the {corpus_tokens}-token training stream "
+                            "(validation is the separate held-out set)")
+    else:
+        if val_tokens > corpus_tokens:
+            raise DataError(f"val_tokens={val_tokens} exceeds the corpus ({corpus_tokens} tokens)")
+        # The pool starts at the first document boundary at or after the validation cut.
+        boundary = int(np.searchsorted(doc_ends, val_tokens, side="left")) if val_tokens else -1
+        train_start = (0 if val_tokens == 0 else int(doc_ends[boundary]) if boundary < len(doc_ends)
+                       else corpus_tokens)
+        val_source, val_from = "prefix", "the first val_tokens of the training stream"
+        available = corpus_tokens - train_start
+        if unique_tokens > available:
+            raise DataError(f"unique_tokens={unique_tokens} exceeds the {available} tokens left after the "
+                            f"{val_tokens}-token validation split (corpus: {corpus_tokens} tokens)")
     n = unique_tokens // seq_len
     if total_tokens is None:
         samples = max(1, round(epochs * n))
@@ -79,24 +102,30 @@ def make_plan(corpus_tokens: int, doc_ends: np.ndarray, unique_tokens: int, seq_
         corpus_tokens=corpus_tokens, val_tokens=val_tokens, train_start=train_start, unique_tokens=unique_tokens,
         seq_len=seq_len, unique_sequences=n, unused_tail_tokens=unique_tokens - n * seq_len,
         total_samples=samples, total_tokens=samples * seq_len, epochs=samples / n,
-        min_repeats=samples // n, max_repeats=math.ceil(samples / n), seed=seed,
+        min_repeats=samples // n, max_repeats=math.ceil(samples / n), seed=seed, val_source=val_source,
+        val_from=val_from,
     )
 
 
 class TokenBudget:
     """Maps sample indices to token sequences of a prepared directory under one `BudgetPlan`."""
 
-    def __init__(self, stream: TokenStream, plan: BudgetPlan):
-        self.stream, self.plan = stream, plan
+    def __init__(self, stream: TokenStream, plan: BudgetPlan, held_out: TokenStream | None = None):
+        """`held_out`: the directory's held-out validation set (required when plan.val_source is "heldout")."""
+        if (held_out is not None) != (plan.val_source == "heldout"):
+            raise DataError(f"plan.val_source={plan.val_source!r} does not match the held-out set given "
+                            f"({'one' if held_out is not None else 'none'})")
+        self.stream, self.plan, self.held_out = stream, plan, held_out
         # Two epochs cached: a batch may span an epoch boundary. Each is n int64s, like the permutation it replaces.
         self._epoch_offsets = lru_cache(maxsize=2)(self._make_epoch_offsets)
 
     @classmethod
     def from_config(cls, cfg: DataConfig, tokenizer_path: str | None = None) -> "TokenBudget":
         stream = open_stream(cfg.dir, cfg.verify, tokenizer_path)
+        held_out = open_validation(cfg.dir, stream.manifest, cfg.verify)
         plan = make_plan(stream.total_tokens, stream.doc_ends, cfg.unique_tokens, cfg.seq_len, cfg.seed,
-                         cfg.epochs, cfg.total_tokens, cfg.val_tokens)
-        return cls(stream, plan)
+                         cfg.epochs, cfg.total_tokens, cfg.val_tokens, stream.manifest.get("validation"))
+        return cls(stream, plan, held_out)
 
     @property
     def vocab_size(self) -> int:
@@ -129,11 +158,10 @@ class TokenBudget:
         """Training sample indices -> pool sequence indices (vectorised; samples may span epochs)."""
         return (self.sample_offsets(samples) - self.plan.train_start) // self.plan.seq_len
 
-    def read_sequences(self, sequence_ids: np.ndarray, start: int | None = None) -> np.ndarray:
-        """Pool sequences -> int64 tokens [len(ids), L]; `start` overrides the pool offset (validation)."""
+    def read_sequences(self, sequence_ids: np.ndarray) -> np.ndarray:
+        """Pool sequences -> int64 tokens [len(ids), L]."""
         L = self.plan.seq_len
-        base = self.plan.train_start if start is None else start
-        return self.stream.read_many(base + np.asarray(sequence_ids, dtype=np.int64) * L, L)
+        return self.stream.read_many(self.plan.train_start + np.asarray(sequence_ids, dtype=np.int64) * L, L)
 
     def samples(self, samples: np.ndarray) -> np.ndarray:
         """Training sample indices -> int64 tokens [len(samples), L]."""
@@ -183,8 +211,10 @@ class TokenBudget:
         return self.plan.val_tokens // self.plan.seq_len
 
     def validation_batch(self, ids: np.ndarray) -> np.ndarray:
-        """Validation sequences (in stream order from offset 0) -> tokens [len(ids), L]."""
-        return self.read_sequences(np.asarray(ids, dtype=np.int64), start=0)
+        """Validation sequences (in order from offset 0 of the held-out set, else of the stream) -> tokens
+        [len(ids), L]."""
+        starts = np.asarray(ids, dtype=np.int64) * self.plan.seq_len
+        return (self.held_out or self.stream).read_many(starts, self.plan.seq_len)
 
 
 class TokenBudgetDataset(torch.utils.data.IterableDataset):

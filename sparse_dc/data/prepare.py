@@ -26,6 +26,7 @@ from sparse_dc.data import shards as fmt
 from sparse_dc.data.corpus import builtin_documents
 from sparse_dc.data.sources import DataError, expand_inputs, iter_documents
 from sparse_dc.data.tokenizer import load_tokenizer_bytes, processor_from_bytes, sha256_bytes, train_tokenizer
+from sparse_dc.data.validation import ValidationSource
 
 log = logging.getLogger(__name__)
 ENCODE_CHUNK_DOCS = 1024  # documents per batched (multi-threaded) sentencepiece call
@@ -59,11 +60,52 @@ class PrepareConfig(Config):
     seed: int = 0
     """Seeds the document order; the unique pool of every run is a prefix of it."""
     overwrite: bool = False
+    # --- streaming (`--hf-dataset`, see stream_prepare.py) ---------------------------------------------------
+    hf_dataset: str | None = None
+    """Stream this dataset (`datasets.load_dataset(..., streaming=True)`): a hub name such as allenai/c4, a
+    packaged builder over local files (json, parquet, text, csv, arrow with hf_data_files), or a local folder."""
+    hf_config: str | None = None
+    """The dataset's configuration (C4: en)."""
+    hf_split: str = "train"
+    """Split streamed for training."""
+    hf_data_files: list[str] = field(default_factory=list)
+    """Data-file glob patterns, each GLOB (the hf_split split) or SPLIT=GLOB (e.g. validation=c4-validation.*)."""
+    hf_revision: str | None = None
+    """Hub branch, tag or commit (default: main); the manifest records the commit it resolved to."""
+    max_tokens: int | None = None
+    """Streaming: write exactly this many training tokens, then stop reading (required with hf_dataset)."""
+    shuffle_buffer: int = 0
+    """Streaming: 0 keeps the stream's order; N > 0 shuffles files and records through a seeded N-record buffer."""
+    tokenizer_docs: int = 100_000
+    """Streaming without `tokenizer`: train the tokenizer on the first this-many documents of the stream."""
+    # --- held-out validation set (validation.py) -------------------------------------------------------------
+    val_inputs: list[str] = field(default_factory=list)
+    """Files/folders of a held-out validation set (never the training inputs)."""
+    val_split: str | None = None
+    """The split the held-out set comes from: of the hf_dataset stream, or of saved HF DatasetDict folders among
+    val_inputs (default there: validation)."""
+    val_tokens: int | None = None
+    """Tokens of the held-out set (its first ones); required for a stream split, default all of val_inputs."""
 
     def validate(self, path: str = "") -> None:
         self.check(bool(self.out), path, "out", "an output directory (--out DIR)")
-        self.check(self.builtin or bool(self.inputs), path, "inputs", "at least one --input PATH, or --builtin")
-        self.check(not (self.builtin and self.inputs), path, "inputs", "either --input or --builtin, not both")
+        sources = sum([self.builtin, bool(self.inputs), self.hf_dataset is not None])
+        self.check(sources > 0, path, "inputs", "at least one --input PATH, --builtin or --hf-dataset NAME")
+        self.check(sources == 1, path, "inputs", "one of --input, --builtin and --hf-dataset, not several")
+        streaming = self.hf_dataset is not None
+        self.check(not streaming or (self.max_tokens or 0) >= 1, path, "max_tokens",
+                   "an integer >= 1 with --hf-dataset (--max-tokens 2.6B: stop reading once written)")
+        for name in ("max_tokens", "hf_config", "hf_data_files", "hf_revision", "shuffle_buffer"):
+            self.check(streaming or getattr(self, name) in (None, [], 0), path, name, "only with --hf-dataset")
+        self.check(self.shuffle_buffer >= 0, path, "shuffle_buffer", "an integer >= 0 (0 = stream order)")
+        self.check(self.tokenizer_docs >= 1, path, "tokenizer_docs", "an integer >= 1")
+        self.check(self.val_tokens is None or self.val_tokens >= 1, path, "val_tokens", "null or an integer >= 1")
+        self.check(self.val_tokens is None or bool(self.val_inputs) or self.val_split is not None, path,
+                   "val_tokens", "a validation source too (--val-input PATH... or --val-split SPLIT)")
+        self.check(self.val_split is None or bool(self.val_inputs) or streaming, path, "val_split",
+                   "--hf-dataset (a split of the stream) or --val-input (saved HF DatasetDict folders)")
+        self.check(not (streaming and self.val_split and not self.val_inputs and self.val_tokens is None), path,
+                   "val_tokens", f"a token count for the {self.val_split!r} split (--val-tokens 10M)")
         self.check(self.tokenizer is not None or 256 + 3 < self.vocab_size <= 1 << 22, path, "vocab_size",
                    "an integer in (259, 4194304] (byte fallback needs 256 + 3 special pieces)")
         self.check(self.workers >= 1, path, "workers", "an integer >= 1")
@@ -78,12 +120,18 @@ def _documents(cfg: PrepareConfig, files: list[str], builtin: list[str]) -> Iter
 
 
 def prepare(cfg: PrepareConfig) -> dict:
-    """Run the whole preparation; returns the manifest written to `cfg.out/manifest.json`."""
+    """Run the whole preparation of files (or the built-in corpus); returns the manifest written to
+    `cfg.out/manifest.json`. A stream (`cfg.hf_dataset`) is prepared by `stream_prepare.prepare_stream`."""
     cfg.validate()
+    if cfg.hf_dataset is not None:
+        raise DataError(f"hf_dataset={cfg.hf_dataset!r}: a stream is prepared by "
+                        "sparse_dc.data.stream_prepare.prepare_stream (the CLI picks it)")
     out = os.path.abspath(cfg.out)
     if os.path.exists(out) and not cfg.overwrite:
         raise DataError(f"output {cfg.out!r} already exists: expected a new directory (or pass --overwrite)")
     files = [] if cfg.builtin else expand_inputs(cfg.inputs)
+    held_out = ValidationSource(inputs=cfg.val_inputs, text_field=cfg.text_field, doc_boundary=cfg.doc_boundary,
+                                split=cfg.val_split or "validation", train_inputs=files) if cfg.val_inputs else None
     # The built-in corpus is small (~2 MB) but slow to parse: read it once for both passes.
     builtin = list(builtin_documents()) if cfg.builtin else []
     tmp = f"{out}.tmp-{os.getpid()}"
@@ -110,20 +158,20 @@ def prepare(cfg: PrepareConfig) -> dict:
         os.remove(scratch)
         manifest = {
             "format": fmt.FORMAT,
-            "tokenizer": {"file": fmt.TOKENIZER_FILE, "sha256": sha256_bytes(proto), "vocab_size": vocab_size,
-                          "eos_id": processor.eos_id(), "bos_id": processor.bos_id(),
-                          "source": cfg.tokenizer or "trained", "model_type": cfg.model_type},
+            "tokenizer": tokenizer_entry(proto, processor, cfg.tokenizer or "trained", cfg.model_type),
             "dtype": dtype,
             "doc_order_seed": cfg.seed,
             "total_tokens": sum(s["tokens"] for s in shard_entries),
             "total_documents": sum(s["documents"] for s in shard_entries),
             "shards": shard_entries,
             "sources": ["<builtin: python stdlib docstrings + language reference>"] if cfg.builtin else files,
-            "seconds": round(time.time() - started, 2),
         }
-        with open(os.path.join(tmp, fmt.MANIFEST), "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=2)
-        _replace_dir(tmp, out)
+        if held_out is not None:
+            manifest["validation"] = held_out.write(tmp, processor, dtype, cfg.shard_tokens, cfg.val_tokens,
+                                                    cfg.workers)
+        manifest["seconds"] = round(time.time() - started, 2)
+        write_manifest(tmp, manifest)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -191,8 +239,7 @@ def _write_shards(scratch: str, directory: str, dtype: str, shard_tokens: int, s
                 values = np.concatenate(parts).astype(np_dtype, copy=False)
                 writer.write_batch(pa.record_batch([pa.ListArray.from_arrays(offsets, values)], schema=schema))
         n_tokens = int(length[docs].sum())
-        entries.append({"file": name, "tokens": n_tokens, "documents": int(count),
-                        "bytes": os.path.getsize(path), "sha256": fmt.sha256_file(path)})
+        entries.append(fmt.shard_entry(directory, name, n_tokens, int(count)))
         bar.update(n_tokens)
         position += count
     bar.close()
@@ -207,7 +254,18 @@ def _split_by_tokens(docs: np.ndarray, length: np.ndarray, budget: int) -> Itera
             yield part
 
 
-def _replace_dir(tmp: str, out: str) -> None:
+def tokenizer_entry(proto: bytes, processor, source: str, model_type: str) -> dict:
+    """The manifest's `tokenizer` record."""
+    return {"file": fmt.TOKENIZER_FILE, "sha256": sha256_bytes(proto), "vocab_size": processor.get_piece_size(),
+            "eos_id": processor.eos_id(), "bos_id": processor.bos_id(), "source": source, "model_type": model_type}
+
+
+def write_manifest(directory: str, manifest: dict) -> None:
+    with open(os.path.join(directory, fmt.MANIFEST), "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=2)
+
+
+def replace_dir(tmp: str, out: str) -> None:
     """Move the finished `tmp` into place; an existing `out` (overwrite) is swapped out, then deleted."""
     if os.path.exists(out):
         old = f"{out}.old-{os.getpid()}"

@@ -3,7 +3,12 @@
 A shard is an Arrow IPC file with one column `tokens: list<uint16|uint32>`, one row per document; every document
 ends with EOS, so a shard's flat values buffer *is* its documents joined by EOS. Documents were written in a seeded
 order (`doc_order_seed` in the manifest), so the concatenation of all shards is the corpus in that order, and any
-prefix of it is a valid "first U tokens of a seeded document order".
+prefix of it is a valid "first U tokens of a seeded document order". A streamed directory (`prepare --hf-dataset`)
+keeps the stream's order and holds exactly `--max-tokens` tokens: its last document is cut there, without EOS
+(`last_document_truncated` in the manifest), so a smaller budget's directory is a token-exact prefix of a larger one.
+
+An optional held-out validation set (`validation` in the manifest: source, token count, its own shards
+`validation_*.arrow`) comes from another input or split; `open_validation` maps it like the training shards.
 """
 from __future__ import annotations
 
@@ -157,6 +162,13 @@ def manifest_tokenizer(directory: str, manifest: dict | None = None) -> str:
     return path
 
 
+def shard_entry(directory: str, name: str, tokens: int, documents: int) -> dict:
+    """The manifest entry of a finished shard file: counts, byte size and sha256."""
+    path = os.path.join(directory, name)
+    return {"file": name, "tokens": tokens, "documents": documents, "bytes": os.path.getsize(path),
+            "sha256": sha256_file(path)}
+
+
 def open_stream(directory: str, verify: str = "checksum", tokenizer_path: str | None = None) -> TokenStream:
     """Open a prepared directory, check every shard against the manifest, and map the tokens (zero copy).
 
@@ -169,9 +181,26 @@ def open_stream(directory: str, verify: str = "checksum", tokenizer_path: str | 
     if tokenizer_path is not None and sha256_file(tokenizer_path) != tok["sha256"]:
         raise DataError(f"tokenizer {tokenizer_path!r} is not the one {directory!r} was prepared with "
                         f"(expected sha256 {tok['sha256'][:12]}...)")
+    return _map_shards(directory, manifest, manifest["shards"], manifest["total_tokens"], verify)
+
+
+def open_validation(directory: str, manifest: dict, verify: str = "checksum") -> TokenStream | None:
+    """The held-out validation set written by `prepare --val-input/--val-split` (None when the directory has none).
+
+    Its shards hold documents of another input or split, tokenized with the same tokenizer; the loader evaluates
+    on its first `data.val_tokens` tokens instead of carving a prefix off the training stream.
+    """
+    held_out = manifest.get("validation")
+    if held_out is None:
+        return None
+    return _map_shards(directory, manifest, held_out["shards"], held_out["tokens"], verify)
+
+
+def _map_shards(directory: str, manifest: dict, entries: list[dict], total_tokens: int, verify: str) -> TokenStream:
+    """Check `entries` (manifest shard records) against their files and map them as one TokenStream."""
     np_dtype, _ = DTYPES[manifest["dtype"]]
     pieces, starts, doc_ends, offset = [], [0], [], 0
-    for shard in manifest["shards"]:
+    for shard in entries:
         path = os.path.join(directory, shard["file"])
         if not os.path.isfile(path):
             raise DataError(f"shard {path!r} listed in the manifest is missing")
@@ -201,7 +230,7 @@ def open_stream(directory: str, verify: str = "checksum", tokenizer_path: str | 
             raise DataError(f"shard {path!r} has {n_tokens} tokens / {n_docs} documents, manifest says "
                             f"{shard['tokens']} / {shard['documents']}")
         offset += n_tokens
-    if offset != manifest["total_tokens"]:
-        raise DataError(f"{directory!r}: shards hold {offset} tokens, manifest says {manifest['total_tokens']}")
+    if offset != total_tokens:
+        raise DataError(f"{directory!r}: shards hold {offset} tokens, manifest says {total_tokens}")
     ends = np.concatenate(doc_ends) if doc_ends else np.zeros(0, np.int64)
     return TokenStream(directory, manifest, pieces, np.asarray(starts, np.int64), ends)

@@ -15,6 +15,7 @@ from sparse_dc.reproduce.fit import Analysis, analyse
 from sparse_dc.reproduce.scales import ReproduceError, Scale
 from sparse_dc.scaling.forms import PAPER
 from sparse_dc.scaling.ledger import read_runs
+from sparse_dc.scaling.plots import downstream_points, downstream_vs_loss
 from sparse_dc.scaling.uncertainty import holdout_split
 from sparse_dc.train.ledger import read_ledger
 
@@ -47,6 +48,7 @@ def write_report(scale: Scale, ledger: str, names: list[str], out_dir: str, n_bo
     rows = read_ledger(ledger)
     hours = sum(r.get("wall_time_s") or 0 for r in rows if r.get("name") in names) / 3600
     lines = _header(scale, grid, runs, status, hours) + _fit_section(an) + _findings(grid, f1, f2, f3, an)
+    lines += _downstream(list({r["name"]: r for r in rows if r.get("name") in names}.values()), out_dir)
     lines += ["", "## Figures", ""] + [f"![{k}]({os.path.basename(v)})" for k, v in figures.items()]
     path = os.path.join(out_dir, "report.md")
     write_text_atomic(path, "\n".join(lines) + "\n")
@@ -73,6 +75,23 @@ def _header(scale: Scale, grid: fnd.Grid, runs: Any, status: dict[str, str] | No
             + (", ".join(f"{n} {s}" for s, n in sorted(done.items())) or "report only")
             + f"; summed training wall time {hours:.2f} h.", ""] + _table(
         ["size", "dense params", "U / dense params", "active params (per density)"], sizes)
+
+
+def _downstream(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
+    """Zero-shot accuracy of the runs scored by `sparse-dc eval`, a table and a figure (nothing when none is).
+    `rows`: the latest ledger row of each run."""
+    points = downstream_points(rows)
+    if not points:
+        return []
+    scored = [r for r in rows if r.get("downstream")]
+    cell = {(run, task): f"{y:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+            for task, pts in points.items() for run, _, y, se, _ in pts}
+    figure = downstream_vs_loss(points, os.path.join(out_dir, "downstream.png"))
+    return ["", "## Downstream accuracy", "",
+            f"{len(scored)} of {len(rows)} runs scored by `sparse-dc eval` (harness accuracy ± its standard error):",
+            ""] + _table(["run", "val loss"] + list(points), [
+                [r["name"], f"{r['val_loss']:.4f}"] + [cell.get((r["name"], t), "-") for t in points] for r in scored
+            ]) + ["", f"![downstream]({os.path.basename(figure)})"]
 
 
 def _fit_section(an: Analysis) -> list[str]:

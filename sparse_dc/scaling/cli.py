@@ -1,4 +1,5 @@
-"""`sparse-dc law predict | fit | plan`: the scaling-law toolkit from the command line (numpy/scipy only)."""
+"""`sparse-dc law predict | fit | plan | downstream`: the scaling-law toolkit from the command line (numpy/scipy
+only)."""
 from __future__ import annotations
 
 import argparse
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--name", default=None, help="run name in the written config")
     q.add_argument("--data-dir", default="runs/data/corpus", help="data.dir in the written config")
     q.set_defaults(func=cmd_plan)
+
+    d = sub.add_parser("downstream", help="plot downstream accuracy against validation loss (sparse-dc eval scores)")
+    d.add_argument("ledger", metavar="LEDGER")
+    d.add_argument("--out", required=True, metavar="FILE.png")
+    d.add_argument("--metric", default="acc", help="harness metric per task (default acc; e.g. acc_norm)")
+    d.add_argument("--loss", default="val_loss", help="ledger loss field on the x axis (default val_loss)")
+    d.set_defaults(func=cmd_downstream)
     return parser
 
 
@@ -198,3 +206,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(f"wrote {args.write_config}")
     return 0
 
+
+def cmd_downstream(args: argparse.Namespace) -> int:
+    from sparse_dc.scaling.plots import downstream_points, downstream_vs_loss
+
+    read_runs(args.ledger)  # one-line errors for a missing or malformed ledger
+    rows = []
+    if not args.ledger.lower().endswith(".csv"):  # scores are nested fields: JSONL ledgers only
+        with open(args.ledger, encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    points = downstream_points(rows, args.metric, args.loss)
+    if not points:
+        raise SparseDCError(f"{args.ledger}: no run has downstream {args.metric} scores with {args.loss}; expected "
+                            "a JSONL ledger whose rows were scored by `sparse-dc eval`")
+    for task, pts in points.items():
+        print(f"{task}: " + ", ".join(f"{run} {args.loss} {x:.4f} {args.metric} {y:.4f}" for run, x, y, _, _ in pts))
+    print(f"wrote {downstream_vs_loss(points, args.out, args.metric, args.loss)}")
+    return 0

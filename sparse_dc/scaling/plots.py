@@ -3,7 +3,8 @@
 - predicted vs observed loss (fit runs, and held-out runs when given);
 - isoFLOP curves: loss vs active parameters along C = 6 N D, one panel per density;
 - isoLoss contours over (active parameters, total tokens) at one density;
-- optimal density vs the unique-data budget (compute-optimal, per compute budget).
+- optimal density vs the unique-data budget (compute-optimal, per compute budget);
+- downstream accuracy vs validation loss over a ledger's runs (scores joined by `sparse-dc eval`).
 """
 from __future__ import annotations
 
@@ -110,3 +111,39 @@ def all_plots(form: LawForm, params: Mapping[str, float], runs: Runs, out_dir: s
             isoflop(form, params, u, os.path.join(out_dir, f"isoflop.{suffix}")),
             isoloss(form, params, u, 0.5, os.path.join(out_dir, f"isoloss.{suffix}")),
             optimal_density_vs_data(form, params, os.path.join(out_dir, f"optimal_density.{suffix}"))]
+
+
+def downstream_points(rows: Sequence[Mapping], metric: str = "acc", loss: str = "val_loss"
+                      ) -> dict[str, list[tuple[str, float, float, float | None, float]]]:
+    """{task: [(run, loss, score, stderr, density)]} over ledger rows holding both `loss` and the task's `metric`
+    (rows' `downstream` field, written by `sparse-dc eval`), tasks in first-seen order."""
+    out: dict[str, list[tuple[str, float, float, float | None, float]]] = {}
+    for row in rows:
+        for task, metrics in (row.get("downstream") or {}).items():
+            score = metrics.get(metric)
+            if score is not None and row.get(loss) is not None:
+                out.setdefault(task, []).append((str(row.get("name")), float(row[loss]), float(score["value"]),
+                                                 score.get("stderr"), float(row.get("density", 1.0))))
+    return out
+
+
+def downstream_vs_loss(points: Mapping[str, Sequence[tuple[str, float, float, float | None, float]]], path: str,
+                       metric: str = "acc", loss: str = "val_loss") -> str:
+    """One panel per task: downstream score (harness stderr as error bars) against validation loss, one point per
+    run, coloured by density."""
+    plt = pyplot()
+    n = len(points)
+    cols = min(n, 4)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.6 * cols, 3.2 * -(-n // cols)),
+                             squeeze=False, layout="constrained")
+    cmap = plt.get_cmap("viridis")
+    for ax, (task, pts) in zip(axes.flat, points.items()):
+        x, y, err, dens = (np.array([p[i] if p[i] is not None else np.nan for p in pts], dtype=float)
+                           for i in (1, 2, 3, 4))
+        ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="none", ecolor="0.6", lw=0.8, zorder=1)
+        sc = ax.scatter(x, y, c=dens, cmap=cmap, vmin=0, vmax=1, s=18, zorder=2)
+        ax.set(title=task, xlabel=loss.replace("_", " "), ylabel=metric)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(sc, ax=axes, label="density", shrink=0.6)
+    return save_figure(fig, path)

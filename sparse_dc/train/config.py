@@ -14,6 +14,7 @@ Importing this module does not import torch or DeepSpeed.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -91,6 +92,26 @@ class DeepSpeedConfig(Config):
 
 
 @dataclass(kw_only=True)
+class WandbConfig(Config):
+    """Weights & Biases logging on rank 0 (needs the optional `wandb` package: pip install "sparse-dc[wandb]")."""
+
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """online: stream to the W&B server; offline: write <run>/wandb/ only (upload later with `wandb sync`)."""
+    project: str = "sparse-dc"
+    entity: str | None = None
+    """W&B team or user (null = the logged-in user's default)."""
+    name: str | None = None
+    """Display name (null = the run's name)."""
+
+    def validate(self, path: str = "") -> None:
+        self.check(bool(self.project), path, "project", "a W&B project name")
+        if self.mode != "disabled":
+            self.check(importlib.util.find_spec("wandb") is not None, path, "mode",
+                       "disabled, or the wandb package installed (pip install \"sparse-dc[wandb]\")")
+        super().validate(path)
+
+
+@dataclass(kw_only=True)
 class TrainConfig(Config):
     micro_batch: int = 8
     """Sequences per rank per forward/backward pass."""
@@ -125,6 +146,8 @@ class TrainConfig(Config):
     """The run ledger: one JSON line appended per finished run (read by `sparse-dc law`)."""
     tensorboard: bool = True
     """Write TensorBoard scalars under <run>/tensorboard."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases: the metrics.jsonl scalars, the config, the ledger row as summary; resumes continue the run."""
     progress: bool = True
     """Show a tqdm progress bar on rank 0."""
     peak_flops: float | None = None

@@ -6,7 +6,8 @@ are zero), renames to `transformers.LlamaForCausalLM`'s keys and writes `model.s
 `LlamaForCausalLM.from_pretrained(HF_DIR)` (transformers: the optional `hf` extra) and lm-eval can load it.
 The run's SentencePiece tokenizer (from the prepared data directory the checkpoint's config names, checked against
 its manifest, or `--tokenizer FILE`) goes in as `tokenizer.model` + `tokenizer_config.json`, so
-`AutoTokenizer.from_pretrained(HF_DIR)` yields a LlamaTokenizer encoding as training did.
+`AutoTokenizer.from_pretrained(HF_DIR)` yields a LlamaTokenizer encoding as training did. config.json also names the
+run and step it came from (`sparse_dc_run`), so `sparse-dc eval` joins an export's scores to the run's ledger row.
 
 RoPE convention: our attention rotates interleaved (even, odd) pairs (Meta's reference code); HF's Llama rotates
 the two halves of each head. The q and k rows are permuted per head as in transformers'
@@ -20,6 +21,7 @@ import logging
 import os
 import shutil
 import struct
+from typing import Any
 
 import torch
 
@@ -27,6 +29,7 @@ from sparse_dc.config.run import RunConfig
 from sparse_dc.errors import SparseDCError
 
 log = logging.getLogger(__name__)
+RUN_RECORD = "sparse_dc_run"  # config.json key naming the run an export came from (its scores join that ledger row)
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -50,6 +53,15 @@ def run_config(root: str, tag: str) -> RunConfig:
     from sparse_dc.train.checkpoint import read_marker
 
     return RunConfig.from_dict(read_marker(os.path.join(root, tag))["config"])
+
+
+def run_record(root: str, tag: str) -> dict[str, Any]:
+    """Which run and step a checkpoint is, and the ledger its row went to (`name` and `config_hash` find it)."""
+    from sparse_dc.train.checkpoint import read_marker
+
+    marker = read_marker(os.path.join(root, tag))
+    cfg = RunConfig.from_dict(marker["config"])
+    return {"name": cfg.name, "config_hash": cfg.fingerprint(), "ledger": cfg.train.ledger, "step": marker["step"]}
 
 
 def load_model(root: str, tag: str) -> torch.nn.Module:
@@ -178,7 +190,7 @@ def export(checkpoint: str, out: str, tokenizer: str | None = None) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        config = hf_config(model)
+        config = {**hf_config(model), RUN_RECORD: run_record(root, tag)}
         if tokenizer is not None:
             config.update(write_tokenizer(tokenizer, tmp, model.cfg.max_seq_len))
         write_safetensors(os.path.join(tmp, "model.safetensors"), hf_state_dict(model))

@@ -4,20 +4,24 @@ Shared field names (the law toolkit's contract): `name`, `dense_params` (dense-e
 convention: every parameter but the input embedding table, see sparse_dc/model/params.py), `active_params` (the
 same over live parameters), `density`, `unique_tokens`, `tokens`, `val_loss`. The rest: raw totals
 (`*_params_total`, embedding included) and non-embedding counts, `effective_active_params` (the active ones on a
-live gradient path, the only ones that can train; sparse_dc.sparsity.paths), `epochs` (R = D / U), block size,
-block topology, DST method and regrowth init, throughput, wall time, config hash, git commit.
+live gradient path, the only ones that can train; sparse_dc.sparsity.paths), `epochs` (R = D / U), the validation
+set (`val_tokens`, `val_source`: heldout | prefix, `val_from`), block size, block topology, DST method and regrowth
+init, throughput, wall time, config hash, git commit.
 
 Appends are one `write()` of a whole line on an O_APPEND descriptor under an exclusive `flock`, so concurrent runs
-sharing a ledger (an array job on one filesystem) never interleave or tear lines.
+sharing a ledger (an array job on one filesystem) never interleave or tear lines. `update_row` changes one row in
+place (downstream scores joining a finished run's row) by writing the whole ledger to a temporary file that replaces
+it, under the same lock.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import subprocess
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from sparse_dc.errors import SparseDCError
 
@@ -34,23 +38,78 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[int]:
+    """An O_APPEND descriptor on the ledger holding its exclusive flock. `update_row` replaces the file by a rename,
+    so a writer that waited for the lock re-opens when `path` now names another file (its line would otherwise go
+    to the replaced, unlinked one)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def append_row(path: str, row: dict[str, Any]) -> None:
     """Append `row` as one JSON line to the ledger at `path` (created with its folder if missing)."""
     missing = [f for f in SHARED_FIELDS if f not in row]
     if missing:
         raise SparseDCError(f"ledger row lacks {', '.join(missing)}: expected all of {', '.join(SHARED_FIELDS)}")
     data = (json.dumps(row, allow_nan=True) + "\n").encode("utf-8")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with _locked(path) as fd:
         written = os.write(fd, data)
         if written != len(data):  # only on a full disk; leave no half line behind silently
             raise OSError(f"short write to the ledger {path}: {written} of {len(data)} bytes")
         os.fsync(fd)
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+
+
+def update_row(path: str, match: Callable[[dict[str, Any]], bool],
+               change: Callable[[dict[str, Any]], dict[str, Any]], what: str = "matching row") -> dict[str, Any]:
+    """Replace the last row for which `match(row)` holds by `change(row)` and return the new row. The ledger is
+    rewritten to a temporary file (every other line byte for byte) that is renamed over it, under the append lock:
+    a reader sees the old or the new ledger, a concurrent append is neither lost nor torn, and a crash leaves the
+    old ledger. SparseDCError when the ledger is missing or no row matches (`what` names the row sought)."""
+    if not os.path.isfile(path):
+        raise SparseDCError(f"ledger {path} does not exist")
+    with _locked(path):
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+        rows = {i: _parse(line, f"{path}:{i + 1}") for i, line in enumerate(lines) if line.strip()}
+        hits = [i for i, row in rows.items() if match(row)]
+        if not hits:
+            raise SparseDCError(f"ledger {path} has no {what}")
+        new = change(rows[hits[-1]])
+        lines[hits[-1]] = json.dumps(new, allow_nan=True) + "\n"
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.writelines(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+    return new
+
+
+def _parse(line: str, where: str) -> dict[str, Any]:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise SparseDCError(f"{where}: not valid JSON ({exc.msg}); expected one JSON object per line") from None
 
 
 def read_ledger(path: str) -> list[dict[str, Any]]:
@@ -79,6 +138,9 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "effective_active_params": counts.law_active - dead_path_params,  # active_params that can train
         "epochs": plan.total_tokens / plan.unique_tokens,
         "seq_len": plan.seq_len,
+        "val_tokens": plan.val_tokens,  # val_loss was measured on these tokens of:
+        "val_source": plan.val_source,  # "heldout" (a separate prepared set) or "prefix" (carved off the corpus)
+        "val_from": plan.val_from,
         "block_size": cfg.sparsity.block_size,
         "dst_method": cfg.sparsity.method if cfg.sparsity.sparse else "dense",
         "block_topology": cfg.sparsity.block_topology if cfg.sparsity.block_size > 1 else "independent",

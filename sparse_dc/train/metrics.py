@@ -1,4 +1,5 @@
-"""Run metrics on rank 0: a tqdm progress bar, <run>/metrics.jsonl, TensorBoard scalars; MFU and peak memory.
+"""Run metrics on rank 0: a tqdm progress bar, <run>/metrics.jsonl, TensorBoard scalars, Weights & Biases
+(`train.wandb`, see wandb_log.py); MFU and peak memory.
 
 MFU = achieved FLOP/s / (peak FLOP/s per device x devices), with training FLOPs per token from
 `sparse_dc.model.flops_per_token` (PaLM appendix B), reported twice: on dense-equivalent FLOPs (`mfu_dense`, the
@@ -13,6 +14,9 @@ import time
 from typing import Any
 
 import torch
+
+from sparse_dc.train.config import WandbConfig
+from sparse_dc.train.wandb_log import WandbLogger, scalars
 
 # Dense bf16/fp16 tensor-core peak FLOP/s per device (vendor datasheets, SXM parts, no sparsity). fp32 runs on
 # CUDA use TF32 tensor cores for matmuls; we do not guess an fp32 peak: set train.peak_flops.
@@ -33,13 +37,15 @@ def device_peak_flops(precision: str, configured: float | None) -> float | None:
 class Metrics:
     def __init__(self, run_dir: str, enabled: bool, total_steps: int, start_step: int, tokens_per_step: int,
                  flops_dense: float, flops_active: float, peak_flops: float | None, world_size: int,
-                 progress: bool, tensorboard: bool):
-        """`flops_*`: training FLOPs per token; `peak_flops`: per device (None = MFU not reported)."""
+                 progress: bool, tensorboard: bool, wandb: WandbConfig | None = None, run_name: str = "",
+                 run_config: dict[str, Any] | None = None):
+        """`flops_*`: training FLOPs per token; `peak_flops`: per device (None = MFU not reported); `wandb` with
+        `run_config` (the resolved config) also logs to Weights & Biases unless its mode is disabled."""
         self.enabled, self.tokens_per_step = enabled, tokens_per_step
         self.flops_dense, self.flops_active = flops_dense, flops_active
         self.peak_total = peak_flops * world_size if peak_flops else None
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.bar = self.tb = None
+        self.bar = self.tb = self.wandb = None
         self._window_start, self._window_steps, self._window_tokens = time.perf_counter(), 0, 0
         if not enabled:
             return
@@ -52,6 +58,8 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if wandb is not None and wandb.mode != "disabled":
+            self.wandb = WandbLogger(wandb, run_dir, run_name, run_config or {})
 
     def step_done(self, tokens: int) -> None:
         """Count one optimizer step of `tokens` trained tokens into the throughput window."""
@@ -83,9 +91,10 @@ class Metrics:
             fh.write(json.dumps(record) + "\n")
         step = record["step"]
         if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            for key, value in scalars(record).items():
+                self.tb.add_scalar(f"{prefix}/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(record, prefix)
         if self.bar is not None:
             shown = {k: record[k] for k in ("loss", "val_loss", "tokens_per_s") if k in record}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
@@ -99,11 +108,18 @@ class Metrics:
         else:
             print(text, flush=True)
 
+    def summary(self, row: dict[str, Any]) -> None:
+        """The run's ledger row, as the W&B run summary."""
+        if self.wandb is not None:
+            self.wandb.summary(row)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def perplexity(loss: float) -> float:

@@ -40,7 +40,8 @@ def resume_fingerprint(cfg: RunConfig) -> str:
     a resume must match it."""
     data = cfg.to_dict()
     for key in ("log_interval", "eval_interval", "eval_sequences", "checkpoint_interval", "keep_checkpoints",
-                "save_final", "stop_at_step", "ledger", "tensorboard", "progress", "peak_flops", "verify_replicas"):
+                "save_final", "stop_at_step", "ledger", "tensorboard", "wandb", "progress", "peak_flops",
+                "verify_replicas"):
         data["train"].pop(key)
     data["data"].pop("num_workers")
     data["data"].pop("verify")
@@ -153,7 +154,8 @@ class Trainer:
             self.run_dir, denv.is_main, self.total_steps, self.step, tokens_per_step,
             flops_per_token(self.counts, shape, self.plan.seq_len, active=False),
             flops_per_token(self.counts, shape, self.plan.seq_len, active=True),
-            device_peak_flops(tc.precision, tc.peak_flops), denv.world_size, tc.progress, tc.tensorboard)
+            device_peak_flops(tc.precision, tc.peak_flops), denv.world_size, tc.progress, tc.tensorboard,
+            wandb=tc.wandb, run_name=self.cfg.name, run_config={**self.cfg.to_dict(), "plan": self.plan.to_dict()})
         self.warn_dead_paths(self.dst.stats())
         stop = StopSignal(self.device)
         dataset = TokenBudgetDataset(self.budget, tc.global_batch, tc.micro_batch, denv.rank, denv.world_size,
@@ -306,6 +308,7 @@ class Trainer:
                               dead_path_params=self.dst.dead_path_params(),
                               tokens_per_s=self.plan.total_tokens / max(self.train_time, 1e-9),
                               wall_time_s=self.elapsed(), steps=self.step, world_size=self.denv.world_size)
+        self.metrics.summary(row)
         if self.denv.is_main:
             ledger.append_row(self.tc.ledger, row)
             self.metrics.message(f"done: {self.step} steps, val_loss {val}, ledger row appended to "

@@ -158,3 +158,47 @@ def test_cli_end_to_end_on_builtin_corpus(tmp_path):
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "unique_tokens=5000000000 exceeds" in run.stderr
     run = _cli("data", "prepare", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
     assert run.returncode == 2 and "does not exist" in run.stderr and not (tmp_path / "x").exists()
+
+
+def test_held_out_validation_set_from_other_files(tmp_path, corpus_jsonl, prepared):
+    """`--val-input`: a validation set from another file, its first --val-tokens tokens, used by the loader instead
+    of a prefix of the corpus (whose pool then starts at token 0)."""
+    import sentencepiece as spm
+
+    from sparse_dc.data.config import DataConfig
+    from sparse_dc.data.loader import TokenBudget
+    from sparse_dc.data.shards import open_validation
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n\n".join(f"Validation paragraph {i}: sparse weights, dense data, repeated epochs."
+                                    for i in range(200)))
+    tok = os.path.join(prepared, "tokenizer.model")
+    manifest = prepare(PrepareConfig(inputs=[str(corpus_jsonl)], out=str(tmp_path / "d"), tokenizer=tok,
+                                     shard_tokens=40_000, val_inputs=[str(held_out)], doc_boundary="blankline",
+                                     val_tokens=2_000))
+    ref = read_manifest(str(prepared))
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in ref["shards"]]  # training unchanged
+    entry = manifest["validation"]
+    assert entry["tokens"] == 2_000 and entry["description"] == "files held_out.txt"
+    assert entry["source"]["files"] == [str(held_out)] and entry["last_document_truncated"]
+    sp = spm.SentencePieceProcessor(model_file=tok)
+    expect = np.concatenate([sp.encode(p.strip()) + [sp.eos_id()] for p in held_out.read_text().split("\n\n")])
+    stream = open_stream(str(tmp_path / "d"))
+    validation = open_validation(str(tmp_path / "d"), stream.manifest)
+    np.testing.assert_array_equal(np.concatenate(validation.pieces), expect[:2_000])
+    budget = TokenBudget.from_config(DataConfig(dir=str(tmp_path / "d"), unique_tokens=10_000, seq_len=64,
+                                                epochs=1.0, val_tokens=1_280))
+    assert (budget.plan.val_source, budget.plan.train_start) == ("heldout", 0)
+    np.testing.assert_array_equal(budget.validation_batch(np.arange(20)).reshape(-1), expect[:1_280])
+    # the old layout where no held-out set was prepared: validation is the corpus prefix
+    old = TokenBudget.from_config(DataConfig(dir=str(prepared), unique_tokens=10_000, seq_len=64, epochs=1.0,
+                                             val_tokens=1_280))
+    assert old.plan.val_source == "prefix" and old.plan.train_start >= 1_280
+    # a held-out source smaller than asked, or one of the training inputs: one clear error, nothing written
+    with pytest.raises(DataError, match=r"holds \d+ tokens: expected at least --val-tokens 100000"):
+        prepare(PrepareConfig(inputs=[str(corpus_jsonl)], out=str(tmp_path / "x"), tokenizer=tok,
+                              val_inputs=[str(held_out)], val_tokens=100_000))
+    with pytest.raises(DataError, match="is also a training input"):
+        prepare(PrepareConfig(inputs=[str(corpus_jsonl)], out=str(tmp_path / "x"), tokenizer=tok,
+                              val_inputs=[str(corpus_jsonl)]))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("x")]

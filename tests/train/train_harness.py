@@ -1,5 +1,6 @@
 """Helpers for real end-to-end training runs on CPU: a small prepared corpus, and `sparse-dc train` launched as a plain process
 or as 2 ranks over gloo through torchrun, each in its own subprocess with TMPDIR inside the test's tmp folder."""
+import itertools
 import json
 import os
 import socket
@@ -48,6 +49,20 @@ class Run:
 
     def final(self) -> dict:
         return next(r for r in reversed(self.records) if r["kind"] == "final")
+
+
+def prepare_corpus(root: Path, n_docs: int = 700) -> Path:
+    """Prepared shards of the first `n_docs` built-in documents (700: ~150K tokens) under root/data, vocab 512."""
+    from sparse_dc.data.corpus import builtin_documents
+    from sparse_dc.data.prepare import PrepareConfig, prepare
+
+    docs = root / "docs.jsonl"
+    with open(docs, "w", encoding="utf-8") as fh:
+        for doc in itertools.islice(builtin_documents(), n_docs):
+            fh.write(json.dumps({"text": doc}) + "\n")
+    prepare(PrepareConfig(inputs=[str(docs)], out=str(root / "data"), vocab_size=512, shard_tokens=40_000,
+                          workers=2))
+    return root / "data"
 
 
 def write_config(tmp_path: Path, data_dir: Path, name: str, sparsity: str | None, stage: int = 2, **train) -> Path:
