@@ -1,18 +1,19 @@
 """Block-sparse quality: does a block-sparse model train as well as an unstructured one at the same density?
 
-    python benchmarks/block_quality.py                          # the full grid (about 90 min on an idle 2-core CPU)
+    python benchmarks/block_quality.py                                   # 58 runs: 47 min on a shared 2-core CPU
     python benchmarks/block_quality.py --smoke --seeds 1 --out /tmp/bq   # 11 short runs (checks the script)
 
 One small Llama where blocks matter (hidden 128 = 4 heads of 32, SwiGLU 384, 2 layers, B = 32: 4 blocks per
 attention line, 4 per SwiGLU gate/up row), the built-in corpus (vocab 512), a fixed unique budget U = 262K tokens
 trained for 2 epochs. Grid: {unstructured (B = 1), independent 32x32 blocks, path-aware 32x32 blocks} x densities
-{0.5, 0.25, 0.125, 0.0625} x {SET, RigL} x 2 seeds (topology and weights: at this size seeds differ by up to
-~0.08 in loss, as much as the effects), plus regrowth at small normal values (sparsity.regrow_init=normal) for
+{0.5, 0.25, 0.125, 0.0625} x {SET, RigL} x 2 seeds (topology and weights: at densities 0.25-0.5 seeds differ by
+up to 0.16 in loss, more than the effects), plus regrowth at small normal values (sparsity.regrow_init=normal) for
 both block topologies at densities 0.25 and 0.0625 (seed 0), plus a dense run per seed: 58 runs. Every run is
 a real `sparse-dc train` (DeepSpeed ZeRO-1, one rank, fp32) launched by the sweep runner, `--jobs` at a time, one
-torch thread each; all append to one ledger, which is re-read for the table (a re-run skips finished runs). Reported per run: final validation loss, the measured
-density, the effective density (live weights on a live gradient path / dense weights of the sparse layers, at the
-end of training), and the share of live weights on dead paths of the initial topology.
+torch thread each; all append to one ledger, which is re-read for the table (a re-run skips finished runs).
+Reported per run: final validation loss, the measured density, the effective density (live weights on a live
+gradient path / dense weights of the sparse layers, at the end of training), and the share of live weights on
+dead paths of the initial topology.
 
 Writes OUT/ledger.jsonl, OUT/logs/, and RESULTS/block_quality.{md,json,png}.
 """
@@ -33,7 +34,7 @@ import yaml
 
 from sparse_dc.config.base import write_text_atomic
 from sparse_dc.launch.sweep import Run, expand, run_sweep
-from sparse_dc.train.ledger import read_ledger
+from sparse_dc.train.ledger import git_commit, read_ledger
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DENSITIES = (0.5, 0.25, 0.125, 0.0625)
@@ -142,8 +143,7 @@ def table_rows(ledger: str, runs: list[Run]) -> list[dict[str, Any]]:
     return rows
 
 
-VARIANTS = [("unstructured", "zero"), ("independent", "zero"), ("path_aware", "zero"), ("independent", "normal"),
-            ("path_aware", "normal")]
+TOPOLOGY_NAMES = tuple(TOPOLOGIES)
 
 
 def cell(rows: list[dict[str, Any]], topology: str, regrow: str, method: str, density: float) -> list[dict]:
@@ -153,7 +153,7 @@ def cell(rows: list[dict[str, Any]], topology: str, regrow: str, method: str, de
 
 
 def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+    return sum(values) / len(values) if values else math.nan
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -162,38 +162,45 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"Model {meta['shape']}, B = 32 for blocks; U = {meta['size']['unique_tokens']:,} tokens x "
              f"{meta['size']['epochs']} epochs, seq {meta['size']['seq_len']}, batch {meta['size']['global_batch']}; "
              f"DST prune rate 0.3 (cosine to 0 at 75% of the run), update every {meta['size']['update_frequency']} "
-             f"steps. Dense val loss {mean(dense) if dense else math.nan:.4f} (seeds: "
-             f"{', '.join(f'{v:.4f}' for v in dense)}). "
+             f"steps. Dense val loss {mean(dense):.4f} (seeds: {', '.join(f'{v:.4f}' for v in dense)}). "
              f"{meta['runs']} runs, {meta['jobs']} at a time, wall time {meta['wall_time_s'] / 60:.0f} min on "
-             f"{meta['host']} ({meta['load']}).", "",
-             "Final validation loss, mean over seeds (seeds 0..n-1 for the zero-regrowth columns, seed 0 for "
-             "`normal`), then (effective density at the end / share of live weights on dead paths at init):", ""]
-    lines += ["| method | density | " + " | ".join(t if t == "unstructured" else f"{t} ({r})" for t, r in VARIANTS)
-              + " |", "|" + "---|" * (2 + len(VARIANTS))]
+             f"{meta['host']}" + (", shared with other jobs" if meta.get("shared") else "") + f" ({meta['load']}); "
+             f"code {meta.get('git_commit')}.", "",
+             f"Final validation loss, mean over {meta['seeds']} seeds [min, max], regrowth at zero; in parentheses "
+             "the effective density at the end (live weights on a live gradient path / dense weights of the sparse "
+             "layers) and the share of live weights on dead paths at initialisation:", ""]
+    lines += ["| method | density | " + " | ".join(TOPOLOGY_NAMES) + " |", "|" + "---|" * (2 + len(TOPOLOGY_NAMES))]
     for method in METHODS:
         for density in meta["densities"]:
             cells = []
-            for topology, regrow in VARIANTS:
-                hit = cell(rows, topology, regrow, method, density)
-                cells.append(f"{mean([r['val_loss'] for r in hit]):.4f} "
+            for topology in TOPOLOGY_NAMES:
+                hit = cell(rows, topology, "zero", method, density)
+                losses = [r["val_loss"] for r in hit]
+                cells.append(f"{mean(losses):.4f} [{min(losses):.3f}, {max(losses):.3f}] "
                              f"({mean([r['effective_density'] for r in hit]):.3f} / "
                              f"{mean([r['dead_share_init'] for r in hit]):.0%})" if hit else "-")
             lines.append(f"| {method} | {density} | " + " | ".join(cells) + " |")
-    lines += ["", "Block minus unstructured validation loss per seed (negative: blocks better), and the seed-to-seed "
-              "spread of unstructured:", "",
-              "| method | density | independent - unstructured | path_aware - unstructured | unstructured max - min |",
-              "|---|---|---|---|---|"]
+    lines += ["", "Blocks minus unstructured, per seed (the same seed draws the same dense weights; negative: blocks "
+              "better):", "", "| method | density | independent - unstructured | path_aware - unstructured |",
+              "|---|---|---|---|"]
     for method in METHODS:
         for density in meta["densities"]:
             base = {r["seed"]: r["val_loss"] for r in cell(rows, "unstructured", "zero", method, density)}
-            if not base:
-                continue
             diffs = []
             for topology in ("independent", "path_aware"):
                 other = {r["seed"]: r["val_loss"] for r in cell(rows, topology, "zero", method, density)}
                 diffs.append(", ".join(f"{other[s] - base[s]:+.4f}" for s in sorted(base) if s in other) or "-")
-            spread = f"{max(base.values()) - min(base.values()):.4f}" if len(base) > 1 else "-"
-            lines.append(f"| {method} | {density} | {diffs[0]} | {diffs[1]} | {spread} |")
+            lines.append(f"| {method} | {density} | {diffs[0]} | {diffs[1]} |")
+    lines += ["", "Regrowth at small normal values (regrow_init=normal, 0.1 x init std) vs at zero, seed 0:", "",
+              "| topology | method | density | zero | normal | normal - zero |", "|---|---|---|---|---|---|"]
+    for topology in ("independent", "path_aware"):
+        for method in METHODS:
+            for density in meta["densities"]:
+                zero = [r["val_loss"] for r in cell(rows, topology, "zero", method, density) if r["seed"] == 0]
+                normal = [r["val_loss"] for r in cell(rows, topology, "normal", method, density)]
+                if zero and normal:
+                    lines.append(f"| {topology} | {method} | {density} | {zero[0]:.4f} | {normal[0]:.4f} | "
+                                 f"{normal[0] - zero[0]:+.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,28 +212,26 @@ def plot(rows: list[dict[str, Any]], densities: tuple[float, ...], path: str) ->
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     dense = [r["val_loss"] for r in rows if r["method"] == "dense"]
-    styles = {("unstructured", "zero"): ("k", "o", "-"), ("independent", "zero"): ("tab:red", "s", "-"),
-              ("path_aware", "zero"): ("tab:blue", "^", "-"), ("independent", "normal"): ("tab:red", "s", ":"),
-              ("path_aware", "normal"): ("tab:blue", "^", ":")}
+    styles = {"unstructured": ("k", "o"), "independent": ("tab:red", "s"), "path_aware": ("tab:blue", "^")}
     for ax, method in zip(axes, METHODS):
-        for (topology, regrow), (color, marker, line) in styles.items():
-            pts = [(d, [r["val_loss"] for r in cell(rows, topology, regrow, method, d)]) for d in densities]
+        for topology, (color, marker) in styles.items():
+            pts = [(d, [r["val_loss"] for r in cell(rows, topology, "zero", method, d)]) for d in densities]
             pts = [(d, v) for d, v in pts if v]
             if not pts:
                 continue
             x, ys = [d for d, _ in pts], [v for _, v in pts]
             mid = [mean(v) for v in ys]
             err = [[m - min(v) for m, v in zip(mid, ys)], [max(v) - m for m, v in zip(mid, ys)]]
-            label = topology if topology == "unstructured" else f"{topology} blocks, regrow {regrow}"
-            ax.errorbar(x, mid, yerr=err, color=color, marker=marker, linestyle=line, capsize=3, label=label)
+            label = topology if topology == "unstructured" else f"{topology.replace('_', '-')} 32x32 blocks"
+            ax.errorbar(x, mid, yerr=err, color=color, marker=marker, capsize=3, label=label)
         if dense:
             ax.axhline(mean(dense), color="grey", linestyle="--", label="dense")
         ax.set_xscale("log", base=2)
         ax.set_xticks(list(densities), [str(d) for d in densities])
         ax.set_xlabel("density")
-        ax.set_title(f"{method.upper()} (mean and range over seeds)")
+        ax.set_title(f"{method.upper()}: final validation loss (mean, min-max over seeds)")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final validation loss")
+    axes[0].set_ylabel("validation loss")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": args.jobs, "runs": len(runs), "finished": len(rows), "wall_time_s": time.time() - start,
             "host": f"{platform.node()} ({os.cpu_count()} CPUs)",
             "load": f"load average {load_before[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end",
-            "python": sys.version.split()[0]}
+            "shared": load_before[0] > 1.5, "git_commit": git_commit(), "python": sys.version.split()[0]}
     stem = os.path.join(args.results, "block_quality" + ("_smoke" if args.smoke else ""))
     os.makedirs(args.results, exist_ok=True)
     text = markdown(rows, meta)

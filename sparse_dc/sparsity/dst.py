@@ -14,9 +14,10 @@ projection keeps its largest block and blocks grow only into open lines (sparse_
 is |dL/dW| of the step's gradient summed over all micro-batches and ranks: B = 1: |Σ dL/dW| per entry; blocks
 with rigl_scores="exact" (default): ‖Σ dYᵀX‖_F per dead block, the blocks summed in fp32 by the sampled-dW kernel
 over the step's backwards and over ranks before the norm (memory: see sparse_dc.sparsity.layer); with
-rigl_scores="norm_sum": Σ ‖dYᵀX‖_F per backward (and rank), exact only for one micro-batch on one rank. Regrown units start at 0 (regrow_init=zero) or at small normal values drawn from a
-generator keyed by (seed, step, layer) (regrow_init=normal); the moments of dropped and grown units are reset
-through the optimizer-state accessor.
+rigl_scores="norm_sum": Σ ‖dYᵀX‖_F per backward (and rank), exact only for one micro-batch on one rank.
+Regrown units start at 0 (regrow_init=zero) or at small normal values drawn from a generator keyed by (seed, step,
+layer) (regrow_init=normal); the moments of dropped and grown units are reset through the optimizer-state
+accessor.
 
 Identical topology on every rank: SET draws from a generator keyed by (seed, step, layer), RigL's scores are
 all-reduced, and the decided masks are then broadcast from rank 0, so ranks agree even if reductions differ in
