@@ -132,7 +132,8 @@ def table_rows(ledger: str, runs: list[Run]) -> list[dict[str, Any]]:
         row = by_name.get(run.name)
         if row is None:
             continue
-        dead = row["active_params"] - row["effective_active_params"]
+        # live weights on dead paths (rows written before the count had its own column: active - effective)
+        dead = row.get("dead_path_params", row["active_params"] - row["effective_active_params"])
         rows.append({"name": run.name, "topology": run.name.split("-")[0], "seed": run.config.train.seed,
                      "regrow_init": row.get("regrow_init", "zero"), "method": row["dst_method"],
                      "density": row["density"], "val_loss": row["val_loss"],

@@ -1,123 +1,167 @@
-"""Benchmark: our staged fit vs a faithful torch re-implementation of the paper's notebook procedure.
+"""Benchmark: how well each fitting procedure extrapolates, and what it costs, side by side in one run.
 
-Same data (~300 synthetic runs from the paper's law, 0.4% noise), same stages, same grids of initial points:
-- ours: sparse_dc.scaling.fit_law: each grid evaluated in one vectorised numpy call, then scipy least-squares
-  (Huber, exact forward-mode Jacobian) from the 3 best points per stage;
-- reference (law_fit_torch_ref.py): torch.optim.LBFGS (strong Wolfe, max_iter 20, history 10, lr 0.1) stepped 50
-  times from *every* grid point, frozen coefficients' gradients zeroed, best kept.
-Both final coefficient sets are scored with the same float64 objective (sum of Huber_1e-3 on log loss).
+The task: 270 runs drawn from the paper's law with 0.4% log-normal noise (sparse_dc.scaling.synthetic: sizes
+3e7..2e9, densities 1..0.0625, 1..16 epochs), fitted on the 240 smallest dense-equivalent sizes; score the 10
+largest against the noise-free law that generated them (and against their noisy losses). Several seeds.
+Procedures (`sparse-dc law fit --stages ...`):
+- joint (the default): sparse-dc's staged fit, then all 13 coefficients on all runs;
+- paper: the official notebook's four stages exactly (its forms, grids, L-BFGS from every start; vectorised);
+- staged: sparse-dc's own four stages on the full law (the joint fit's initialisation).
+The notebook's loop run start by start in torch (tests/scaling/notebook_reference.py, the test oracle) is timed on a
+few starts per stage and extrapolated to its full grids, for the speed of the vectorised paper procedure.
 
-    python benchmarks/law_fit.py                 # the paper's grids (1961 starts; the reference takes ~15 min)
-    python benchmarks/law_fit.py --grid coarse --out benchmarks/results/law_fit_coarse.json   # 74 starts, ~30 s
-
-Torch is used only here (installed in the dev venv); sparse_dc.scaling itself never imports it.
+    python benchmarks/law_fit.py                  # 5 seeds, ~1 min on 2 idle cores; writes results/law_fit.{json,txt,png}
+    python benchmarks/law_fit.py --seeds 1 --torch-starts 0
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+import warnings
+from contextlib import redirect_stdout
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sparse_dc.config import write_text_atomic
+from sparse_dc.scaling.fit import fit_law
+from sparse_dc.scaling.forms import PAPER, get_form
+from sparse_dc.scaling.notebook import GRIDS, STAGE_FREE, grid_points, stage_masks
+from sparse_dc.scaling.synthetic import synthetic_runs
 
-from sparse_dc.config import write_text_atomic  # noqa: E402
-from sparse_dc.scaling.fit import fit_law, fit_metrics, objective  # noqa: E402
-from sparse_dc.scaling.forms import get_form  # noqa: E402
-from sparse_dc.scaling.synthetic import synthetic_runs  # noqa: E402
-
-# A coarse subset of the paper's grids (forms.PAPER_STAGES) so the reference finishes in minutes: 36+6+16+16 starts.
-COARSE_GRIDS = [
-    {"a": (0.0, 10.0, 20.0), "b": (0.0, 10.0, 20.0), "e": (-0.5, 0.5), "alpha": (0.3, 1.0)},
-    {"eps": (0.0,), "mu": (0.5, 1.0, 2.0), "c": (-0.5, 0.0)},
-    {"g1": (1.0, 5.0, 10.0, 20.0), "g2": (1.0, 5.0, 10.0, 20.0)},
-    {k: (-1.0, 1.0) for k in ("c11", "c12", "c21", "c22")},
-]
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROCEDURES = ("joint", "paper", "staged")
 
 
-def n_starts(grid: dict, free: tuple[str, ...]) -> int:
-    return int(np.prod([len(grid.get(k, (0,))) for k in free]))
+def extrapolation(seed: int) -> dict[str, dict[str, float]]:
+    runs = synthetic_runs(270, noise=0.004, seed=seed)  # sorted by dense-equivalent size
+    fit_on, largest = runs.subset(np.arange(240)), runs.subset(np.arange(260, 270))
+    truth = get_form("paper").predict(PAPER, largest)
+    out = {}
+    for procedure in PROCEDURES:
+        t0 = time.perf_counter()
+        fit = fit_law(fit_on, "paper", procedure)
+        seconds = time.perf_counter() - t0
+        pred = fit.predict(largest)
+        out[procedure] = {"mae_vs_law": float(np.abs(pred - truth).mean()),
+                          "mae_vs_observed": float(np.abs(pred - largest.val_loss).mean()),
+                          "max_error_vs_law": float(np.abs(pred - truth).max()), "seconds": seconds,
+                          "objective": fit.objective, "params": fit.params}
+    out["noise_floor_mae_vs_observed"] = float(np.abs(truth - largest.val_loss).mean())  # the true law's own error
+    return out
+
+
+def torch_notebook_seconds(starts_per_stage: int) -> dict[str, float]:
+    """Seconds per start of the notebook's torch loop (seed 0's fitting runs), extrapolated to its full grids."""
+    sys.path.insert(0, os.path.join(HERE, "..", "tests", "scaling"))  # the test oracle: the notebook's loop in torch
+    import torch
+    from notebook_reference import (best_of, loss_stage1, loss_stage2, loss_stage3, loss_stage4, repetition_rows,
+                                    torch_2_1_line_search)
+
+    torch.set_num_threads(1)  # tiny tensors: more threads only add overhead on a shared machine
+    runs = synthetic_runs(270, noise=0.004, seed=0).subset(np.arange(240))
+    masks = stage_masks(runs)
+    p = fit_law(runs, "paper", "paper").params  # coefficients the later stages hold fixed (values do not matter)
+    col = lambda r, *names: torch.tensor(np.stack([getattr(r, n) for n in names], 1))  # noqa: E731
+    r1, r2, r3, r4 = (runs.subset(m) for m in masks)
+    p2 = [p[k] for k in STAGE_FREE[1]]
+    rows = lambda r: zip(r.active_params, r.tokens, r.unique_tokens, r.val_loss, r.density)  # noqa: E731
+    losses = [lambda th: loss_stage1(col(r1, "dense_params", "tokens", "val_loss"), th),
+              lambda th: loss_stage2(col(r2, "dense_params", "tokens", "val_loss", "density"), th),
+              lambda th: loss_stage3(repetition_rows(rows(r3), p2), th, p2),
+              lambda th: loss_stage4(repetition_rows(rows(r4), p2), th, p2, [p["g1"], p["g2"]])]
+    total_starts = full_seconds = 0.0
+    per_stage = []
+    for stage, loss in enumerate(losses):
+        grid = grid_points(stage, GRIDS[stage])
+        if stage == 1:
+            grid[:, :4] = [p[k] for k in STAGE_FREE[0]]
+        pick = grid[np.linspace(0, len(grid) - 1, starts_per_stage).astype(int)]
+        with torch_2_1_line_search():
+            t0 = time.perf_counter()
+            best_of(loss, pick.tolist())
+            per_start = (time.perf_counter() - t0) / len(pick)
+        per_stage.append(per_start)
+        total_starts += len(grid)
+        full_seconds += per_start * len(grid)
+    return {"seconds_per_start_by_stage": per_stage, "starts": total_starts, "extrapolated_seconds": full_seconds}
+
+
+def plot(result: dict, path: str) -> None:
+    from sparse_dc.scaling.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (ax_err, ax_time) = plt.subplots(1, 2, figsize=(10, 4))
+    seeds = result["seeds"]
+    for i, procedure in enumerate(PROCEDURES):
+        errs = [result["by_seed"][str(s)][procedure]["mae_vs_law"] for s in seeds]
+        ax_err.scatter(np.arange(len(seeds)) + 0.2 * (i - 1), errs, label=procedure, s=30)
+    ax_err.axhline(0.01, color="gray", ls="--", lw=1, label="0.01 nats")
+    ax_err.set(yscale="log", xticks=range(len(seeds)), xticklabels=[str(s) for s in seeds], xlabel="seed",
+               ylabel="MAE on the 10 largest vs the true law (nats)", title="extrapolation (fit on the 240 smallest)")
+    ax_err.legend()
+    labels = list(PROCEDURES) + (["paper in torch,\nstart by start\n(extrapolated)"] if "torch_notebook" in result else [])
+    times = [result["summary"][p]["seconds_median"] for p in PROCEDURES]
+    if "torch_notebook" in result:
+        times.append(result["torch_notebook"]["extrapolated_seconds"])
+    ax_time.bar(range(len(labels)), times, color=["C0", "C1", "C2", "gray"][:len(labels)])
+    ax_time.set(yscale="log", xticks=range(len(labels)), ylabel="seconds per fit",
+                title=f"time ({result['machine']['cpus']} CPUs, load {result['machine']['loadavg_start'][0]:.1f})")
+    ax_time.set_xticklabels(labels, fontsize=8)
+    save_figure(fig, path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=300)
-    ap.add_argument("--grid", choices=("paper", "coarse"), default="paper")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repeats of our fit (median reported)")
-    ap.add_argument("--skip-torch", action="store_true")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "law_fit.json"))
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--torch-starts", type=int, default=4, help="notebook starts timed in torch per stage (0: skip)")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "law_fit.json"))
     args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                "loadavg_start": os.getloadavg()},
+                    "task": "270 synthetic runs (paper law, 0.4% noise), fit on the 240 smallest, score the 10 largest",
+                    "seeds": list(range(args.seeds)), "by_seed": {}}
+    for seed in result["seeds"]:
+        result["by_seed"][str(seed)] = extrapolation(seed)
+        print(f"seed {seed}: " + "  ".join(f"{p} {result['by_seed'][str(seed)][p]['mae_vs_law']:.4f}"
+                                           for p in PROCEDURES), file=sys.stderr, flush=True)
+    result["summary"] = {p: {
+        "mae_vs_law_median": statistics.median(r[p]["mae_vs_law"] for r in result["by_seed"].values()),
+        "mae_vs_law_max": max(r[p]["mae_vs_law"] for r in result["by_seed"].values()),
+        "mae_vs_observed_median": statistics.median(r[p]["mae_vs_observed"] for r in result["by_seed"].values()),
+        "seconds_median": statistics.median(r[p]["seconds"] for r in result["by_seed"].values())}
+        for p in PROCEDURES}
+    if args.torch_starts:
+        result["torch_notebook"] = torch_notebook_seconds(args.torch_starts)
+    result["machine"]["loadavg_end"] = os.getloadavg()
 
-    law = get_form("paper")
-    runs = synthetic_runs(args.runs, noise=0.004, seed=0)
-    grids = COARSE_GRIDS if args.grid == "coarse" else [dict(s.grid) for s in law.stages]
-    masks = [np.asarray(s.select(runs)) for s in law.stages]
-    starts = [n_starts(g, s.free) for g, s in zip(grids, law.stages)]
-
-    fit_law(runs, law, grids=grids)  # warm-up: imports, first-call overheads
-    times, ours = [], None
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        ours = fit_law(runs, law, grids=grids)
-        times.append(time.perf_counter() - t0)
-    t_ours = statistics.median(times)
-    t_full = time.perf_counter()
-    ours_full_grid = fit_law(runs, law)  # the paper's full grids, for reference (cheap for us)
-    t_full = time.perf_counter() - t_full
-
-    result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
-        "runs": args.runs, "grid": args.grid, "starts_per_stage": starts,
-        "stage_runs": [int(m.sum()) for m in masks],
-        "ours": {"seconds_median": t_ours, "seconds_all": times, "objective": ours.objective,
-                 "stage_objectives": [s["objective"] for s in ours.stages],
-                 "stage_seconds": [s["seconds"] for s in ours.stages], "params": ours.params,
-                 "full_paper_grid": {"seconds": t_full, "objective": ours_full_grid.objective}},
-    }
-    # extrapolation check (not timed against torch): fit the smallest 90%, score the largest 10%
-    cut = int(0.9 * args.runs)
-    small, large = runs.subset(np.arange(cut)), runs.subset(np.arange(cut, args.runs))
-    result["ours"]["extrapolation_mae"] = {
-        p: fit_metrics(law, fit_law(small, law, p, grids=grids).params, large)["mae"] for p in ("paper", "joint")}
-
-    if not args.skip_torch:
-        import torch
-
-        import law_fit_torch_ref as ref
-
-        torch.set_num_threads(1)  # tiny tensors: extra threads only add overhead (and the machine is shared)
-        arrays = [runs.active_params, runs.unique_tokens, runs.tokens, runs.density, runs.val_loss]
-        stages = [(s.free, m, g) for s, m, g in zip(law.stages, masks, grids)]
-        t0 = time.perf_counter()
-        params, info = ref.staged_fit(stages, arrays, dict(law.init))
-        t_ref = time.perf_counter() - t0
-        stage_obj = [float(objective(law, {**ours.params, **params}, runs.subset(m))) for m in masks]
-        result["torch_reference"] = {
-            "seconds": t_ref, "objective": float(objective(law, params, runs)), "params": params,
-            "stage_objectives_own": [i["objective"] for i in info], "stage_objectives_final_params": stage_obj,
-            "seconds_per_start": t_ref / sum(starts),
-            "extrapolated_full_paper_grid_seconds": t_ref / sum(starts) * sum(
-                n_starts(dict(s.grid), s.free) for s in law.stages)}
-        result["speedup"] = t_ref / t_ours
-        result["objective_ratio_ours_over_ref"] = ours.objective / result["torch_reference"]["objective"]
-
+    table = io.StringIO()
+    with redirect_stdout(table):
+        print(f"{result['task']}; seeds {result['seeds'][0]}..{result['seeds'][-1]}; "
+              f"noise floor (true law vs noisy losses) ~{statistics.median(r['noise_floor_mae_vs_observed'] for r in result['by_seed'].values()):.4f}")
+        print(f"{'procedure':<10}{'MAE vs law (median)':>21}{'(max)':>9}{'MAE vs observed':>17}{'seconds':>10}")
+        for p, s in result["summary"].items():
+            print(f"{p:<10}{s['mae_vs_law_median']:>21.4f}{s['mae_vs_law_max']:>9.4f}"
+                  f"{s['mae_vs_observed_median']:>17.4f}{s['seconds_median']:>10.2f}")
+        if "torch_notebook" in result:
+            t = result["torch_notebook"]
+            print(f"the notebook's loop in torch, start by start: ~{t['extrapolated_seconds']:.0f} s for its "
+                  f"{t['starts']:.0f} starts (timed on {args.torch_starts} per stage); vectorised: "
+                  f"{result['summary']['paper']['seconds_median']:.1f} s "
+                  f"({t['extrapolated_seconds'] / result['summary']['paper']['seconds_median']:.0f}x)")
+        print(f"machine: {result['machine']['cpus']} CPUs, load average {result['machine']['loadavg_start'][0]:.1f} "
+              f"at start, {result['machine']['loadavg_end'][0]:.1f} at end")
+    print(table.getvalue(), end="")
     write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
-    print(f"{args.runs} synthetic runs, {args.grid} grids, starts per stage {starts} (runs per stage "
-          f"{result['stage_runs']})")
-    print(f"{'method':<34}{'seconds':>10}{'objective':>14}")
-    print(f"{'ours (numpy grid + scipy lsq)':<34}{t_ours:>10.3f}{ours.objective:>14.6g}")
-    if "torch_reference" in result:
-        ref_r = result["torch_reference"]
-        print(f"{'paper notebook (torch L-BFGS)':<34}{ref_r['seconds']:>10.1f}{ref_r['objective']:>14.6g}")
-        print(f"speedup {result['speedup']:.0f}x; objective ours/ref {result['objective_ratio_ours_over_ref']:.4f}; "
-              f"reference on the full paper grids ~{ref_r['extrapolated_full_paper_grid_seconds'] / 60:.0f} min "
-              f"(extrapolated), ours {t_full:.2f} s")
-    print(f"wrote {args.out}")
+    write_text_atomic(args.out[:-5] + ".txt", table.getvalue())
+    plot(result, args.out[:-5] + ".png")
+    print(f"wrote {args.out} (+ .txt, .png)")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--epochs", type=float)
     budget.add_argument("--total-tokens", type=_quantity)
     i.add_argument("--val-tokens", type=_quantity, default=32_768)
+    i.add_argument("--packing", default="stream", choices=["stream", "document"],
+                   help="document: one padded document per sequence (the paper recipe)")
     i.add_argument("--seed", type=int, default=1234)
     i.add_argument("--verify", default="checksum", choices=["checksum", "size"])
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -104,7 +106,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from sparse_dc.data.loader import TokenBudget
 
     cfg = DataConfig(dir=args.dir, unique_tokens=args.unique_tokens, seq_len=args.seq_len, epochs=args.epochs,
-                     total_tokens=args.total_tokens, val_tokens=args.val_tokens, seed=args.seed, verify=args.verify)
+                     total_tokens=args.total_tokens, val_tokens=args.val_tokens, seed=args.seed, verify=args.verify,
+                     packing=args.packing)
     cfg.validate("data")
     budget = TokenBudget.from_config(cfg)
     manifest = budget.stream.manifest

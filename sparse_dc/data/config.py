@@ -15,6 +15,10 @@ class DataConfig(Config):
     """U: unique training tokens, an exact prefix of the prepared (seeded) document order after validation."""
     seq_len: int = 256
     """L: tokens per training sequence (the paper's runs used 256)."""
+    packing: Literal["stream", "document"] = "stream"
+    """stream: the pool's token stream cut into L-token sequences (documents joined by EOS, every slot a real
+    token); document: one document per sequence, truncated or padded to L, padding masked out of the loss (the
+    paper's code). Under document packing U and D count slots (sequences x L); the real tokens are recorded too."""
     epochs: float | None = 4.0
     """R: passes over the unique pool (may be fractional). Give exactly one of `epochs` and `total_tokens`."""
     total_tokens: int | None = None

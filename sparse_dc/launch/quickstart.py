@@ -119,7 +119,7 @@ def _ppl(loss: float) -> float:
 
 def law_prediction() -> str:
     """What the paper's law says about dense vs 50% sparse at PREDICT's size and budget (no torch involved)."""
-    from sparse_dc.launch.presets import paper_preset
+    from sparse_dc.launch.presets import fast_preset
     from sparse_dc.scaling.forms import find_preset
     from sparse_dc.scaling.optimize import MODEL_SIZES, loss_optimal_density, predict_loss
 
@@ -133,7 +133,7 @@ def law_prediction() -> str:
         lines.append(f"  density {density:<4g} ({n * density:.3g} active params): predicted val loss {loss:.4f}")
     best, best_loss = loss_optimal_density(form, params, n, u, d)
     lines.append(f"  loss-optimal density at this size and budget: {best:.3f} (predicted {best_loss:.4f})")
-    cfg = paper_preset(size, 0.5)
+    cfg = fast_preset(size, 0.5)
     lines.append(f"  train it: sparse-dc train --config launch/configs/{cfg['name']}.yaml data.dir=<your data> "
                  f"data.unique_tokens={int(u)} data.epochs={epochs:g}")
     return "\n".join(lines)

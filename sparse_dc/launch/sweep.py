@@ -7,7 +7,9 @@ shared ledger when it finishes, so `sparse-dc law fit LEDGER` reads a sweep dire
 are skipped, and an interrupted run resumes from its newest checkpoint: re-running a sweep finishes it.
 With SLURM, submitted job ids are kept in `log_dir/slurm_jobs.json`; a re-run skips runs whose job is still pending
 or running (asked of `squeue` in one call) and resubmits only those whose job ended without a ledger row, so
-running a sweep twice before its jobs finish does not train anything twice.
+running a sweep twice before its jobs finish does not train anything twice. The folder of the script's job log
+(`#SBATCH --output`, or `--output` among the sbatch arguments) is created before submitting: SLURM opens that file
+before the script runs and fails the job, without a log, when the folder is missing.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from sparse_dc.train.ledger import read_ledger
 
 log = logging.getLogger(__name__)
 SLURM_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "launch", "slurm", "train.sbatch")
+# launch/slurm/train.sbatch asks for 8 GPUs per node; what to pass after `--` where the nodes have none
+CPU_NODE_HINT = ("the script requests GPUs (--gpus-per-node=8, 8 tasks x 12 CPUs): on CPU-only nodes override it "
+                 "after --, e.g. -- --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1")
 # Short names for the fields that usually vary, so run names stay readable: 20m-d0.5-u100M-e4
 _TAGS = {"model.preset": "", "sparsity.density": "d", "sparsity.block_size": "b", "sparsity.method": "",
          "data.unique_tokens": "u", "data.epochs": "e", "data.total_tokens": "D", "train.seed": "s"}
@@ -112,6 +117,43 @@ def local_command(run: Run, base_config: str, nproc: int) -> list[str]:
             "-m", "sparse_dc.train.cli", *run.train_args(base_config)]
 
 
+def _sbatch_option(args: list[str], long: str, short: str) -> str | None:
+    """The last value of an sbatch option given as `--long=V`, `--long V`, `-s V` or `-sV` (as sbatch reads it)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg in (long, short):
+            value = args[i + 1] if i + 1 < len(args) else None
+        elif arg.startswith(long + "="):
+            value = arg[len(long) + 1:]
+        elif arg.startswith(short) and not arg.startswith("--") and len(arg) > len(short):
+            value = arg[len(short):]
+    return value
+
+
+def _script_options(script: str) -> list[str]:
+    """The options of a batch script's `#SBATCH` header (sbatch stops reading at the first command line)."""
+    options: list[str] = []
+    with open(script, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                break
+            if line.startswith("#SBATCH"):
+                options += shlex.split(line[len("#SBATCH"):])
+    return options
+
+
+def slurm_log_dir(sbatch_args: list[str], script: str = SLURM_SCRIPT) -> str | None:
+    """The folder SLURM writes the job log into: the script header's --output, overridden by `sbatch_args`,
+    relative to --chdir or the submitting directory; None when the folder name itself holds a %-pattern."""
+    options = _script_options(script) + sbatch_args
+    output = _sbatch_option(options, "--output", "-o")
+    folder = os.path.dirname(output) if output else ""
+    if "%" in folder:
+        return None
+    return os.path.join(_sbatch_option(options, "--chdir", "-D") or os.getcwd(), folder)
+
+
 def slurm_command(run: Run, base_config: str, sbatch_args: list[str]) -> list[str]:
     # --parsable: sbatch prints "jobid[;cluster]" only, which is what we record
     return ["sbatch", "--parsable", f"--job-name={run.name}", *sbatch_args, os.path.abspath(SLURM_SCRIPT),
@@ -170,6 +212,10 @@ def run_sweep(runs: list[Run], base_config: str, ledger: str, log_dir: str,
     todo = [r for r in runs if r.name not in status]
     log.info("sweep: %d runs, %d already in %s, %d queued, %d to %s", len(runs), len(done & {r.name for r in runs}),
              ledger, len(queued), len(todo), "submit" if launcher == "slurm" else "run")
+    if launcher == "slurm" and todo and not dry_run:
+        log_folder = slurm_log_dir(sbatch_args or [])
+        if log_folder:
+            os.makedirs(log_folder, exist_ok=True)
     for index, run in enumerate(todo, 1):
         cmd = (slurm_command(run, base_config, sbatch_args or []) if launcher == "slurm"
                else local_command(run, base_config, nproc))
@@ -198,7 +244,10 @@ def _submit(run: Run, cmd: list[str], env: dict[str, str] | None) -> str:
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     job_id = result.stdout.strip().split(";")[0]
     if result.returncode or not job_id.isdigit():
-        raise SweepError(f"sbatch failed for {run.name}: {result.stderr.strip() or result.stdout.strip()}")
+        message = result.stderr.strip() or result.stdout.strip()
+        if "gres" in message.lower():
+            message += f"; {CPU_NODE_HINT}"
+        raise SweepError(f"sbatch failed for {run.name}: {message}")
     log.info("  submitted %s as job %s", run.name, job_id)
     return job_id
 

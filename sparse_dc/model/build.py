@@ -72,4 +72,4 @@ def param_counts(model_cfg: ModelConfig, sparsity_cfg: SparsityConfig, vocab_siz
         entries.append((name, n_in * n_out, active))
     entries += [(f"layers.{i}.{norm}.weight", d, d) for i in range(shape.n_layers) for norm in ("attn_norm",
                                                                                                   "mlp_norm")]
-    return tally(entries)
+    return tally(entries, set(live))

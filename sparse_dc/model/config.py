@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 from sparse_dc.config.base import Config, ConfigError
 
@@ -60,7 +61,11 @@ class ModelConfig(Config):
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02
-    """Std of the normal init; output projections (o, down) use init_std / sqrt(2 * n_layers) (GPT-2)."""
+    """Std of the normal init of every weight matrix (embedding, projections, LM head); norms start at 1."""
+    init: Literal["scaled_residual", "normal"] = "scaled_residual"
+    """scaled_residual: the projections that write into the residual stream (o, down) use init_std /
+    sqrt(2 * n_layers) (GPT-2); normal: every weight matrix N(0, init_std) (Hugging Face Llama's init, the
+    paper's code)."""
 
     def validate(self, path: str = "") -> None:
         self.check(self.preset in PRESETS, path, "preset", f"one of {', '.join(PRESETS)}")

@@ -102,7 +102,8 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, index: int, cfg: ModelConfig, shape: ModelShape, factory: LinearFactory):
         super().__init__()
-        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * shape.n_layers)
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * shape.n_layers) if cfg.init == "scaled_residual" else std
         self.attn_norm = RMSNorm(shape.hidden_size, cfg.norm_eps)
         self.attn = Attention(f"layers.{index}.attn", shape, factory, std, out_std)
         self.mlp_norm = RMSNorm(shape.hidden_size, cfg.norm_eps)

@@ -5,11 +5,17 @@ Definitions:
   token embedding and untied LM head included (raw size: what memory and checkpoints hold).
 - active: the non-zero (trainable, live) parameters: a sparse layer counts only its live entries/blocks.
 - *_non_embedding: the same without the token embedding and the LM head (vocab x d each); norms are included.
-- law_dense / law_active: N as the scaling law counts it, the paper's convention: everything except the input
-  token-embedding table (a lookup, no FLOPs), so ONE vocab x d matrix (the head) is in. The paper's published
-  counts (60m 8.0e7, 120m 1.45e8, 480m 5.21e8, reference/model-sizes.md) are this number for its shapes, and
-  the law toolkit's MODEL_SIZES use it; the ledger's `dense_params`/`active_params` are these, so a ledger can be
-  fitted against (or anchored at) the paper's coefficients without a factor ~1.7 error in N for small models.
+- live_fraction: live / total units over the sparse layers only (1 for a dense model): the density actually
+  trained.
+- law_dense / law_active: N exactly as the paper's fit counts it (its notebook: N_active = N_dense x S).
+  law_dense is everything except the input token-embedding table (a lookup, no FLOPs), so ONE vocab x d matrix
+  (the head) is in: the paper's published counts (60m 8.0e7, 120m 1.45e8, 480m 5.21e8, reference/model-sizes.md)
+  are this number for its shapes, and the law toolkit's MODEL_SIZES use it. law_active = law_dense x
+  live_fraction: the head and the norms are scaled by the density too, although they stay dense (the paper's
+  convention). The ledger's `dense_params`/`active_params` are these, so a ledger is fitted against (or anchored
+  at) the paper's coefficients with the N they were fitted with.
+- law_active_physical: the live parameters but the input embedding (the head and norms counted in full): what a
+  sparse run actually holds and multiplies (the ledger's `active_params_physical`).
 A module takes part as a sparse layer by exposing `dense_numel` and `active_numel` (SparseLinear does).
 """
 from __future__ import annotations
@@ -35,6 +41,15 @@ class ParamCounts:
     """Token-embedding parameters (vocab x d)."""
     head: int
     """LM-head parameters (vocab x d, untied)."""
+    sparse_dense: int = 0
+    """Dense-equivalent parameters of the sparse layers (0 for a dense model)."""
+    sparse_active: int = 0
+    """Live parameters of the sparse layers."""
+
+    @property
+    def live_fraction(self) -> float:
+        """Live / total units over the sparse layers: the density actually trained (1.0 for a dense model)."""
+        return self.sparse_active / self.sparse_dense if self.sparse_dense else 1.0
 
     @property
     def law_dense(self) -> int:
@@ -43,7 +58,13 @@ class ParamCounts:
 
     @property
     def law_active(self) -> int:
-        """Active N of the scaling law: live parameters but the input embedding (the ledger's `active_params`)."""
+        """Active N of the scaling law: law_dense x live_fraction, the paper's convention (the ledger's
+        `active_params`)."""
+        return round(self.law_dense * self.live_fraction)
+
+    @property
+    def law_active_physical(self) -> int:
+        """Live parameters but the input embedding (the ledger's `active_params_physical`)."""
         return self.active - self.embedding  # the embedding table is never sparse
 
     @property
@@ -52,18 +73,22 @@ class ParamCounts:
         return self.active_non_embedding / self.dense_non_embedding
 
     def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "law_dense": self.law_dense, "law_active": self.law_active}
+        return {**asdict(self), "law_dense": self.law_dense, "law_active": self.law_active,
+                "law_active_physical": self.law_active_physical, "live_fraction": self.live_fraction}
 
 
-def tally(entries: list[tuple[str, int, int]]) -> ParamCounts:
-    """Sum (name, dense numel, active numel) entries into ParamCounts; names in _EMBEDDING_PARAMS are embeddings."""
+def tally(entries: list[tuple[str, int, int]], sparse: frozenset[str] | set[str] = frozenset()) -> ParamCounts:
+    """Sum (name, dense numel, active numel) entries into ParamCounts; names in _EMBEDDING_PARAMS are embeddings,
+    names in `sparse` the sparse layers."""
     dense = sum(e[1] for e in entries)
     active = sum(e[2] for e in entries)
     by_name = {name: numel for name, numel, _ in entries}
     embedding, head = by_name.get("embed.weight", 0), by_name.get("head.weight", 0)
     emb_active = sum(e[2] for e in entries if e[0] in _EMBEDDING_PARAMS)
     return ParamCounts(dense=dense, active=active, dense_non_embedding=dense - embedding - head,
-                       active_non_embedding=active - emb_active, embedding=embedding, head=head)
+                       active_non_embedding=active - emb_active, embedding=embedding, head=head,
+                       sparse_dense=sum(e[1] for e in entries if e[0] in sparse),
+                       sparse_active=sum(e[2] for e in entries if e[0] in sparse))
 
 
 def _numel(p: nn.Parameter) -> int:
@@ -79,10 +104,11 @@ def count_params(model: nn.Module) -> ParamCounts:
         if hasattr(module, "active_numel") and hasattr(module, "dense_numel"):
             entries.append((name, int(module.dense_numel), int(module.active_numel)))
             sparse_prefixes.append(name + ".")
+    sparse = {name for name, _, _ in entries}
     for name, p in model.named_parameters():
         if not any(name.startswith(prefix) for prefix in sparse_prefixes):
             entries.append((name, _numel(p), _numel(p)))
-    return tally(entries)
+    return tally(entries, sparse)
 
 
 def flops_per_token(counts: ParamCounts, shape: ModelShape, seq_len: int, active: bool = True) -> float:

@@ -117,10 +117,10 @@ def analyse(runs: Runs, n_bootstrap: int, seed: int = 0) -> Analysis:
     form = reduced_form(free)
     holdout_fit = holdout = None
     with np.errstate(**BENIGN):
-        fit = fit_law(runs, form, "paper", top_k=5)
+        fit = fit_law(runs, form, "staged", top_k=5)
         samples = bootstrap(runs, fit, n_bootstrap, seed=seed) if n_bootstrap > 0 else []
         if test is not None:
-            holdout_fit = fit_law(train, form, "paper", top_k=5)
+            holdout_fit = fit_law(train, form, "staged", top_k=5)
             holdout = holdout_report(holdout_fit, test, above)
     fit.bootstrap, fit.holdout = samples or None, holdout
     ci = intervals(samples) if samples else {}

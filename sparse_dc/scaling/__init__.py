@@ -3,7 +3,8 @@
 numpy/scipy only (matplotlib for plots, imported on use): importing this package never imports torch.
 
     runs = read_runs("runs/ledger.jsonl")
-    fit = fit_law(runs, "paper", "paper")              # FitResult: params, objective, metrics
+    fit = fit_law(runs, "paper")                       # FitResult: params, objective, metrics (joint fit)
+    notebook = fit_law(runs, "paper", "paper")         # the official notebook's procedure exactly
     fit.predict(runs)                                  # loss per run
     best = plan(fit.law, fit.params, unique_tokens=2.6e9, compute=1e20)
 """

@@ -6,14 +6,21 @@ import argparse
 import json
 import math
 import os
+import sys
+import warnings
 from typing import Any
 
 from sparse_dc.config import parse_quantity, write_text_atomic
 from sparse_dc.errors import SparseDCError
-from sparse_dc.scaling.fit import FitResult, fit_anchored, fit_law, load_fit
+from sparse_dc.scaling.fit import PROCEDURES, FitResult, fit_anchored, fit_law, load_fit
 from sparse_dc.scaling.forms import LawForm, find_preset
-from sparse_dc.scaling.ledger import read_runs
-from sparse_dc.scaling.optimize import MIN_DENSITY, plan, predict_loss, training_config
+from sparse_dc.scaling.ledger import LedgerWarning, read_runs
+from sparse_dc.scaling.optimize import MIN_DENSITY, SIZE_TABLES, plan, predict_loss, range_warnings, training_config
+
+
+def warn(message: str) -> None:
+    """One line on stderr: the result is still printed, but the user is told what to distrust."""
+    print(f"sparse-dc law: warning: {message}", file=sys.stderr)
 
 
 def _positive(name: str):
@@ -65,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("ledger", metavar="LEDGER_OR_CSV")
     f.add_argument("--out", required=True, metavar="FIT.json")
     f.add_argument("--form", default="paper", choices=("paper", "muennighoff", "chinchilla"))
-    f.add_argument("--stages", default="paper", choices=("paper", "joint"),
-                   help="paper: the paper's staged fit; joint: then all coefficients together")
+    f.add_argument("--stages", default="joint", choices=PROCEDURES,
+                   help="joint (default): all coefficients together on all runs after a staged start, the best "
+                        "predictor of held-out runs; paper: the official notebook's four-stage procedure exactly; "
+                        "staged: sparse-dc's four stages on the full law")
+    f.add_argument("--keep-duplicates", action="store_true",
+                   help="fit every row of a run name that appears more than once (default: its last row)")
     f.add_argument("--anchor", metavar="PRESET",
                    help="few runs: start from this preset (e.g. paper) and refit only --free on all runs")
     f.add_argument("--free", default="a,b,e", help="with --anchor: coefficients to refit (default a,b,e)")
@@ -85,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     _law_source(q)
     q.add_argument("--min-density", type=str, default=str(MIN_DENSITY),
                    help="sparsest density to consider (default: the paper's sparsest, 0.0625)")
+    q.add_argument("--sizes", default="built", choices=tuple(SIZE_TABLES),
+                   help="N of each model size: built (what `train` builds, default) or notebook (the official "
+                        "fit's labels, e.g. 960m = 1.17e9)")
     q.add_argument("--json", action="store_true")
     q.add_argument("--write-config", metavar="FILE.yaml", help="write a `sparse-dc train` config for the plan")
     q.add_argument("--name", default=None, help="run name in the written config")
@@ -102,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", LedgerWarning)
+        warnings.showwarning = lambda message, *_, **__: warn(str(message))
+        return int(args.func(args) or 0)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -113,6 +130,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         active = _positive("--dense-params")(args.dense_params) * density
     u, d = _positive("--unique-tokens")(args.unique_tokens), _positive("--tokens")(args.tokens)
+    for line in range_warnings(u, d, density, 6 * active * d):
+        warn(line)
     loss = float(predict_loss(form, params, active, u, d, density))
     out: dict[str, Any] = {"law": form.name, "active_params": active, "unique_tokens": u, "tokens": d,
                            "density": density, "epochs": d / u, "loss": loss}
@@ -137,7 +156,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from sparse_dc.scaling import uncertainty
 
-    runs = read_runs(args.ledger)
+    runs = read_runs(args.ledger, keep_duplicates=args.keep_duplicates)
+    sub_epoch = runs.tokens < runs.unique_tokens
+    if sub_epoch.any():
+        warn(f"{int(sub_epoch.sum())} run(s) train for less than one epoch (tokens < unique_tokens, e.g. "
+             f"{runs.name[sub_epoch][0]}): the law, like the official one, credits them all U unique tokens "
+             "(D_eff = U); if a run saw only D distinct tokens, record unique_tokens = tokens for it")
     test = None
     if args.holdout_above is not None:
         above = _positive("--holdout-above")(args.holdout_above)
@@ -181,7 +205,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     form, params, fit = _load_law(args)
     u, c = _positive("--unique-tokens")(args.unique_tokens), _positive("--compute")(args.compute)
     min_density = _density(args.min_density)
-    result = plan(form, params, u, c, samples=fit.bootstrap if fit else None, min_density=min_density)
+    for line in range_warnings(u, density=min_density, compute=c):
+        warn(line)
+    result = plan(form, params, u, c, samples=fit.bootstrap if fit else None, min_density=min_density,
+                  sizes=args.sizes)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

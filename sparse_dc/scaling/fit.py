@@ -1,10 +1,18 @@
-"""Fit a law form to runs: the paper's staged procedure, or a joint fit of every coefficient.
+"""Fit a law form to runs: a joint fit of every coefficient (the default), the official notebook's procedure, or
+sparse-dc's staged fit.
 
 Objective (the paper's, after Besiroglu et al. 2024): sum over runs of Huber_delta(log L_pred - log L_obs) with
-delta = 1e-3 and log L_pred written as logsumexp of the form's three terms. Each stage evaluates its whole grid of
-initial points in one vectorised numpy call (grid x runs), then polishes only the best few points with scipy
-(least_squares with the Huber loss, which is the same objective, or L-BFGS-B) using exact forward-mode
-Jacobians (`dual.Dual`), and keeps the best result.
+delta = 1e-3 and log L_pred written as logsumexp of the form's three terms.
+
+- 'joint' (default): the staged fit below, then all coefficients together on all runs from its result and from
+  the form's generic initial point, best kept. It predicts held-out (larger) runs best: every coefficient is
+  chosen against every run, instead of the early stages' coefficients being frozen on a subset.
+- 'paper': the official notebook's four stages exactly (`notebook.py`: its forms, grids and L-BFGS from every
+  start), for the paper form only.
+- 'staged': sparse-dc's own four stages on the full law (the form's `stages`): each stage evaluates its whole grid
+  of initial points in one vectorised numpy call (grid x runs), then polishes only the best few points with scipy
+  (least_squares with the Huber loss, which is the same objective, or L-BFGS-B) using exact forward-mode
+  Jacobians (`dual.Dual`), and keeps the best result.
 """
 from __future__ import annotations
 
@@ -22,23 +30,19 @@ from sparse_dc.errors import SparseDCError
 from sparse_dc.scaling.dual import Dual
 from sparse_dc.scaling.forms import LawForm, get_form
 from sparse_dc.scaling.ledger import Runs
+from sparse_dc.scaling.notebook import NotebookFitError, fit_notebook
+from sparse_dc.scaling.objective import DELTA, huber
 
-DELTA = 1e-3
 # Anchored fits: weight of the residuals pulling each free parameter to the anchor. A unit move costs Huber(1e-3)
 # = 5e-7, far below a fit's data objective (~1e-4 and up), so it only decides directions the runs leave flat (e.g.
 # `a` when every run's model is larger than the compute-optimal size for its data: A then cancels from the law).
 PRIOR_WEIGHT = 1e-3
-Procedure = Literal["paper", "joint", "anchored"]
+Procedure = Literal["joint", "paper", "staged"]
+PROCEDURES = ("joint", "paper", "staged")
 
 
 class FitError(SparseDCError):
     """The runs cannot support the requested fit (too few runs in a stage, unknown form, unreadable fit file)."""
-
-
-def huber(r: np.ndarray, delta: float = DELTA) -> np.ndarray:
-    """Elementwise Huber loss, as torch.nn.functional.huber_loss(reduction='none')."""
-    a = np.abs(r)
-    return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
 
 
 def objective(form: LawForm, params: Mapping[str, Any], runs: Runs, delta: float = DELTA) -> np.ndarray:
@@ -66,7 +70,8 @@ class FitResult:
     params: dict[str, float]
     objective: float
     metrics: dict[str, float]
-    procedure: str = "paper"
+    procedure: str = "joint"
+    """joint, paper (the official notebook's procedure), staged or anchored."""
     stages: list[dict[str, Any]] = field(default_factory=list)
     bootstrap: list[dict[str, float]] | None = None
     """Coefficient sets refitted on resampled runs (uncertainty.bootstrap); None without --bootstrap."""
@@ -97,6 +102,9 @@ def load_fit(path: str) -> FitResult:
         result = FitResult(**data)
     except FileNotFoundError:
         raise FitError(f"fit file {path!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise FitError(f"fit file {path!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                       f"{exc.start}); expected a JSON fit written by `sparse-dc law fit`") from None
     except (json.JSONDecodeError, TypeError) as exc:
         raise FitError(f"fit file {path!r} is not a fit written by `sparse-dc law fit`: {exc}") from None
     result.params = result.law.check_params(result.params)
@@ -194,21 +202,23 @@ def stage_masks(form: LawForm, runs: Runs) -> list[np.ndarray]:
     return [np.asarray(stage.select(runs), dtype=bool) for stage in form.stages]
 
 
-def fit_law(runs: Runs, form: str | LawForm = "paper", procedure: Procedure = "paper",
+def fit_law(runs: Runs, form: str | LawForm = "paper", procedure: Procedure = "joint",
             start: Mapping[str, float] | None = None, top_k: int = 3, delta: float = DELTA,
             solver: Solver = "lsq", grids: list[Mapping[str, tuple[float, ...]]] | None = None,
             progress: bool = False) -> FitResult:
-    """Fit `form` to `runs`.
+    """Fit `form` to `runs` with `procedure` ('joint', 'paper' or 'staged', see the module docstring).
 
-    procedure='paper': the paper's stages in order, each on its own subset of runs from its own grid (the
-    form's `stages`); 'joint': the staged result, then all coefficients together on all runs from it and from
-    the form's generic initial point, keeping the best. With `start` (a full coefficient set), every stage
+    'staged': the form's stages in order, each on its own subset of runs from its own grid; 'joint': that result,
+    then all coefficients together on all runs from it and from the form's generic initial point, keeping the
+    best; 'paper': notebook.fit_notebook (paper form only). With `start` (a full coefficient set), every stage
     starts from it instead of a grid (warm start: bootstrap refits). `grids` replaces the stages' grids (one
-    mapping per stage; the benchmark gives both methods the same grids). `top_k`: grid points polished per stage.
+    mapping per stage). `top_k`: grid points polished per stage ('staged', 'joint').
     """
     law = get_form(form) if isinstance(form, str) else form
-    if procedure not in ("paper", "joint"):
-        raise FitError(f"stages={procedure!r}: expected 'paper' or 'joint'")
+    if procedure not in PROCEDURES:
+        raise FitError(f"stages={procedure!r}: expected one of {', '.join(PROCEDURES)}")
+    if procedure == "paper":
+        return _fit_paper(runs, law, start, grids, delta, progress)
     current = {k: float(v) for k, v in (start or law.init).items() if k in law.param_names}
     reports: list[dict[str, Any]] = []
     bar = tqdm(total=len(law.stages) + (procedure == "joint"), desc=f"fit {law.name}", unit="stage",
@@ -240,6 +250,21 @@ def fit_law(runs: Runs, form: str | LawForm = "paper", procedure: Procedure = "p
     params = law.check_params(current)
     return FitResult(form=law.name, params=params, objective=float(objective(law, params, runs, delta)),
                      metrics=fit_metrics(law, params, runs), procedure=procedure, stages=reports)
+
+
+def _fit_paper(runs: Runs, law: LawForm, start: Mapping[str, float] | None,
+               grids: list[Mapping[str, tuple[float, ...]]] | None, delta: float, progress: bool) -> FitResult:
+    if law.name != "paper":
+        raise FitError(f"stages=paper: the official notebook's procedure fits the paper law only, not "
+                       f"{law.name!r}; expected --stages joint or staged for this form")
+    try:
+        params, reports = fit_notebook(runs, start, grids, progress=progress)
+    except NotebookFitError as exc:
+        raise FitError(str(exc)) from None
+    params = law.check_params(params)
+    with np.errstate(all="ignore"):
+        return FitResult(form=law.name, params=params, objective=float(objective(law, params, runs, delta)),
+                         metrics=fit_metrics(law, params, runs), procedure="paper", stages=reports)
 
 
 def fit_anchored(runs: Runs, form: str | LawForm, anchor: Mapping[str, float], free: tuple[str, ...],

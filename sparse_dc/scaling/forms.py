@@ -91,8 +91,9 @@ class SparseDataConstrained(LawForm):
     """The paper's law (scaling-law.md): L = E + A f(S) / N_eff^alpha + B / D_eff^beta with beta = alpha.
 
     f(S) = S^eps + c (1-S)^mu scales the parameter term; the repetition half-lives R_N*(S), R_D*(S) are
-    quadratic in the sparsity 1-S; U_N (unique parameters) is the compute-optimal size for the
-    U_D = min(U, D) unique tokens seen.
+    quadratic in the sparsity 1-S; U_N (unique parameters) is the compute-optimal size for the U unique tokens.
+    As in the official notebook, R_D = max(D/U - 1, 0): below one epoch (D < U) the law credits all U unique tokens
+    (D_eff = U), so it is only meant for D >= U (`law predict` / `plan` warn otherwise).
     """
 
     def log_terms(self, p: Params, x: Any) -> tuple[Any, Any, Any]:
@@ -100,11 +101,8 @@ class SparseDataConstrained(LawForm):
         beta = p.get("beta", alpha)
         S = np.asarray(x.density, dtype=float)
         s = 1.0 - S  # sparsity
-        # U_D = min(U, D): unique tokens actually seen. Equals U whenever D >= U (the reference formula's
-        # domain); below one epoch the literal formula would credit all U tokens (D_eff = U > D).
-        tokens = np.asarray(x.tokens, float)
-        u_d = np.minimum(np.asarray(x.unique_tokens, float), tokens)
-        log_n, log_u = np.log(np.asarray(x.active_params, float)), np.log(u_d)
+        tokens, unique = np.asarray(x.tokens, float), np.asarray(x.unique_tokens, float)
+        log_n, log_u = np.log(np.asarray(x.active_params, float)), np.log(unique)
         # f(S) = S^eps + c (1-S)^mu via exp(eps log S); the (1-S)^mu term is exactly 0 for dense runs
         log_s = np.log(np.maximum(s, _TINY))
         f = np.exp(p["eps"] * np.log(S)) + p["c"] * np.exp(p["mu"] * log_s) * (s > 0)
@@ -113,7 +111,7 @@ class SparseDataConstrained(LawForm):
         log_g = (np.log(alpha) - np.log(beta) + a - b + log_f) / (alpha + beta)
         log_un = np.minimum(log_n, (1 + beta / alpha) * log_g + (beta / alpha) * log_u)
         r_n = np.expm1(log_n - log_un)  # R_N = N / U_N - 1 >= 0
-        r_d = tokens / u_d - 1.0  # R_D = D / U_D - 1 >= 0
+        r_d = np.maximum(tokens / unique - 1.0, 0.0)  # R_D = max(D / U - 1, 0), the official definition
         rn_star = np.maximum(p["g1"] * (1 + s * p["c11"] - p["c21"] * s ** 2), _RSTAR_FLOOR)
         rd_star = np.maximum(p["g2"] * (1 + s * p["c12"] - p["c22"] * s ** 2), _RSTAR_FLOOR)
         # N_eff = U_N (1 + R_N* (1 - exp(-R_N / R_N*))), likewise D_eff with U: in logs, via log1p / expm1

@@ -15,11 +15,21 @@ from scipy.optimize import brentq, minimize, minimize_scalar
 from sparse_dc.errors import SparseDCError
 from sparse_dc.scaling.forms import LawForm
 
-# Dense-equivalent parameter counts the paper's fit used (model-sizes.md; tied embeddings, vocab 32000).
-# 20m and 40m are not in its table of counts: computed from their architecture the same way.
-MODEL_SIZES = {"20m": 1.14e7, "40m": 3.74e7, "60m": 8.0e7, "120m": 1.45e8, "240m": 2.68e8, "480m": 5.21e8,
-               "960m": 1.17e9, "1b92": 1.99e9, "3b84": 3.84e9}
+# Dense-equivalent N of each preset as `sparse-dc train` builds it at the paper's vocabulary (32000): every parameter
+# but the input embedding table, LM head included (sparse_dc/model/params.py `law_dense`, what the ledger records;
+# `sparse-dc model` prints them; pinned by tests/scaling/test_optimize.py against the model's own count).
+MODEL_SIZES = {"20m": 11_356_416, "40m": 37_364_224, "60m": 79_067_520, "120m": 148_462_848, "240m": 259_916_160,
+               "480m": 519_264_000, "960m": 1_026_316_032, "1b92": 1_984_898_304, "3b84": 3_948_887_040}
+# The labels the official notebook's fit used (its PARAMS_MAP; 3b84 from its validation table). Within 3% of the
+# built counts except 960m, labelled 1.17e9 while its shape (hidden 1792, 24 layers) has 1.03e9. 20m and 40m were not
+# in its fit: built counts. `--sizes notebook` plans with these (the paper's coefficients were fitted on them).
+NOTEBOOK_SIZES = {**MODEL_SIZES, "60m": 8.0e7, "120m": 1.45e8, "240m": 2.68e8, "480m": 5.21e8, "960m": 1.17e9,
+                  "1b92": 1.99e9, "3b84": 3.84e9}
+SIZE_TABLES = {"built": MODEL_SIZES, "notebook": NOTEBOOK_SIZES}
 MIN_DENSITY = 0.0625  # the sparsest density the paper trained: the planner does not extrapolate beyond it
+# Far outside what any fit of the law has seen (the paper's runs: 1e7..8e9 parameters, 1e8..4e10 tokens, densities
+# down to 0.0625): predictions there are extrapolations of the functional form, not of data.
+RANGE_LIMITS = {"min_tokens": 1e6, "min_density": 1e-3, "max_compute": 1e30}
 
 
 class PlanError(SparseDCError):
@@ -37,6 +47,14 @@ def predict_loss(form: LawForm, params: Mapping[str, float], active_params: Any,
     return form.predict(params, _inputs(active_params, unique_tokens, tokens, density))
 
 
+def run_loss(form: LawForm, params: Mapping[str, float], active_params: Any, pool: Any, tokens: Any,
+             density: Any) -> np.ndarray:
+    """Loss of a run training on D tokens drawn from a pool of U unique tokens: the law at U = min(U, D), the
+    unique tokens the run sees. The official figure notebooks (isoFLOP, optimal sparsity) evaluate candidate runs
+    this way; the law itself, like the official one, credits all of U below one epoch, where it was never fitted."""
+    return predict_loss(form, params, active_params, np.minimum(pool, tokens), tokens, density)
+
+
 def _best_log_density(loss: Any, min_density: float) -> tuple[float, float]:
     """(log S, loss) minimising a vectorised loss(log S) over [log min_density, 0]: grid, then bounded polish."""
     grid = np.linspace(0.0, np.log(min_density), 401)  # dense first: ties (density-blind forms) stay dense
@@ -51,7 +69,7 @@ def loss_optimal_density(form: LawForm, params: Mapping[str, float], dense_param
                          tokens: float, min_density: float = MIN_DENSITY) -> tuple[float, float]:
     """(density, loss) minimising loss for a fixed dense-equivalent model and data (N_active = dense x S)."""
     log_s, loss = _best_log_density(
-        lambda t: predict_loss(form, params, dense_params * np.exp(t), unique_tokens, tokens, np.exp(t)), min_density)
+        lambda t: run_loss(form, params, dense_params * np.exp(t), unique_tokens, tokens, np.exp(t)), min_density)
     return float(np.exp(log_s)), loss
 
 
@@ -72,7 +90,7 @@ def compute_optimal(form: LawForm, params: Mapping[str, float], compute: float, 
     log_c6 = np.log(compute / 6)
 
     def loss(log_n: Any, log_s: Any) -> Any:
-        return predict_loss(form, params, np.exp(log_n), unique_tokens, np.exp(log_c6 - log_n), np.exp(log_s))
+        return run_loss(form, params, np.exp(log_n), unique_tokens, np.exp(log_c6 - log_n), np.exp(log_s))
 
     g_n = np.linspace(lo_n, hi_n, 481)[:, None]
     g_s = np.linspace(np.log(max_density), np.log(min_density), 61)[None, :]  # dense first: ties stay dense
@@ -113,9 +131,30 @@ def diminishing_returns_epochs(form: LawForm, params: Mapping[str, float], activ
     return float(grid[0]) if k == 0 else float(brentq(lambda e: float(ratio(e)), grid[k - 1], grid[k], xtol=1e-6))
 
 
-def nearest_model_size(dense_params: float) -> str:
+def range_warnings(unique_tokens: float, tokens: float | None = None, density: float | None = None,
+                   compute: float | None = None) -> list[str]:
+    """One line per way a query lies far outside the law's fitted range (empty when inside)."""
+    lines = []
+    if tokens is not None and tokens < unique_tokens:
+        lines.append(f"tokens={tokens:.3g} < unique_tokens={unique_tokens:.3g} (less than one epoch): the law, like "
+                     "the official one, credits all U unique tokens (D_eff = U); a run that sees only D of them is "
+                     "the law at unique_tokens = tokens (what `law plan` and the official figures use)")
+    for name, value in (("tokens", tokens), ("unique_tokens", unique_tokens)):
+        if value is not None and value < RANGE_LIMITS["min_tokens"]:
+            lines.append(f"{name}={value:.3g}: below {RANGE_LIMITS['min_tokens']:.0e} tokens, far outside the "
+                         "fitted range (the paper's runs used 1e8 and more)")
+    if density is not None and density < RANGE_LIMITS["min_density"]:
+        lines.append(f"density={density:.3g}: below {RANGE_LIMITS['min_density']:g}, far outside the fitted range "
+                     "(the paper's sparsest runs: 0.0625)")
+    if compute is not None and compute > RANGE_LIMITS["max_compute"]:
+        lines.append(f"compute={compute:.3g} FLOPs: beyond {RANGE_LIMITS['max_compute']:.0e}, far outside the "
+                     "fitted range (the paper's largest runs: ~1e21)")
+    return lines
+
+
+def nearest_model_size(dense_params: float, sizes: Mapping[str, float] = MODEL_SIZES) -> str:
     """The paper size name (model-sizes.md) closest to `dense_params` in log scale."""
-    return min(MODEL_SIZES, key=lambda name: abs(np.log(MODEL_SIZES[name] / dense_params)))
+    return min(sizes, key=lambda name: abs(np.log(sizes[name] / dense_params)))
 
 
 @dataclass
@@ -129,6 +168,7 @@ class Plan:
     preset: str
     """The paper model size nearest to the optimum's dense-equivalent size (what `train` can build)."""
     preset_dense_params: float
+    """Its N (dense-equivalent): the built count, or the notebook's label with sizes='notebook'."""
     density: float
     """Best density for the preset under the same C and U."""
     tokens: float
@@ -148,16 +188,22 @@ class Plan:
 
 def plan(form: LawForm, params: Mapping[str, float], unique_tokens: float, compute: float,
          samples: list[Mapping[str, float]] | None = None, min_density: float = MIN_DENSITY,
-         seq_len: int = 256) -> Plan:
-    """Compute-optimal plan, snapped to the nearest paper model size, with the density re-optimised for it."""
+         seq_len: int = 256, sizes: str = "built") -> Plan:
+    """Compute-optimal plan, snapped to the nearest paper model size, with the density re-optimised for it.
+
+    `sizes`: 'built' (each preset's N as `train` builds it) or 'notebook' (the official fit's labels,
+    NOTEBOOK_SIZES)."""
     if unique_tokens <= 0 or compute <= 0:
         raise PlanError(f"unique_tokens={unique_tokens:.3g}, compute={compute:.3g}: expected positive values")
+    if sizes not in SIZE_TABLES:
+        raise PlanError(f"sizes={sizes!r}: expected one of {', '.join(SIZE_TABLES)}")
+    table = SIZE_TABLES[sizes]
     optimum = compute_optimal(form, params, compute, unique_tokens, min_density)
-    name = nearest_model_size(optimum["dense_params"])
-    n_dense = MODEL_SIZES[name]
+    name = nearest_model_size(optimum["dense_params"], table)
+    n_dense = table[name]
 
-    log_s, _ = _best_log_density(lambda t: predict_loss(form, params, n_dense * np.exp(t), unique_tokens,
-                                                        compute / (6 * n_dense * np.exp(t)), np.exp(t)), min_density)
+    log_s, _ = _best_log_density(lambda t: run_loss(form, params, n_dense * np.exp(t), unique_tokens,
+                                                    compute / (6 * n_dense * np.exp(t)), np.exp(t)), min_density)
     density = float(np.exp(log_s))
     tokens = float(np.floor(compute / (6 * n_dense * density) / seq_len) * seq_len)
     if tokens < seq_len:
@@ -166,21 +212,21 @@ def plan(form: LawForm, params: Mapping[str, float], unique_tokens: float, compu
     interval = None
     if samples:
         stacked = {k: np.array([s[k] for s in samples]) for k in samples[0]}
-        preds = predict_loss(form, stacked, *point)
+        preds = run_loss(form, stacked, *point)
         interval = (float(np.percentile(preds, 2.5)), float(np.percentile(preds, 97.5)))
     return Plan(compute=compute, unique_tokens=unique_tokens, optimum=optimum, preset=name,
                 preset_dense_params=n_dense, density=density, tokens=tokens, epochs=tokens / unique_tokens,
-                loss=float(predict_loss(form, params, *point)), loss_interval=interval,
+                loss=float(run_loss(form, params, *point)), loss_interval=interval,
                 saturation_epochs=diminishing_returns_epochs(form, params, n_dense * density, unique_tokens, density),
                 loss_optimal_density=loss_optimal_density(form, params, n_dense, unique_tokens, tokens, min_density)[0])
 
 
 def training_config(p: Plan, name: str, data_dir: str = "runs/data/corpus", seq_len: int = 256) -> dict[str, Any]:
-    """The `sparse-dc train` config for a plan: the paper preset of its model size (launch/configs/) at the
+    """The `sparse-dc train` config for a plan: the fast preset of its model size (launch/configs/) at the
     planned density, trained for exactly the planned tokens on the planned unique budget."""
-    from sparse_dc.launch.presets import paper_preset
+    from sparse_dc.launch.presets import fast_preset
 
     if seq_len != 256:
         raise PlanError(f"seq_len={seq_len}: the presets (and the paper's runs) use 256")
-    return paper_preset(p.preset, round(p.density, 6), data_dir=data_dir, unique_tokens=int(p.unique_tokens),
-                        epochs=None, total_tokens=int(p.tokens), name=name)
+    return fast_preset(p.preset, round(p.density, 6), data_dir=data_dir, unique_tokens=int(p.unique_tokens),
+                       epochs=None, total_tokens=int(p.tokens), name=name)

@@ -15,7 +15,7 @@ import numpy as np
 
 from sparse_dc.scaling.forms import LawForm
 from sparse_dc.scaling.ledger import Runs
-from sparse_dc.scaling.optimize import compute_optimal, predict_loss
+from sparse_dc.scaling.optimize import compute_optimal, run_loss
 
 
 def pyplot():
@@ -63,7 +63,7 @@ def isoflop(form: LawForm, params: Mapping[str, float], unique_tokens: float, pa
         for c in computes:
             d = c / (6 * n)
             keep = d >= 1e6
-            loss = predict_loss(form, params, n[keep], unique_tokens, d[keep], s)
+            loss = run_loss(form, params, n[keep], unique_tokens, d[keep], s)
             line, = ax.plot(n[keep], loss, label=f"C={c:.0e}")
             ax.plot(n[keep][np.argmin(loss)], loss.min(), "o", color=line.get_color())
         ax.set(xscale="log", xlabel="active parameters N", title=f"density {s:g}, U={unique_tokens:.2g}")
@@ -75,7 +75,7 @@ def isoflop(form: LawForm, params: Mapping[str, float], unique_tokens: float, pa
 def isoloss(form: LawForm, params: Mapping[str, float], unique_tokens: float, density: float, path: str) -> str:
     plt = pyplot()
     n, d = np.meshgrid(np.geomspace(1e7, 1e10, 200), np.geomspace(1e8, 1e12, 200))
-    loss = predict_loss(form, params, n, unique_tokens, d, density)
+    loss = run_loss(form, params, n, unique_tokens, d, density)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     cs = ax.contour(n, d, loss, levels=14, cmap="viridis")
     ax.clabel(cs, fontsize=7, fmt="%.2f")

@@ -92,7 +92,7 @@ def _score(law_name: str, params: Mapping[str, float], runs: Runs) -> dict[str, 
     return fit_metrics(get_form(law_name), params, runs)
 
 
-def cross_validate(runs: Runs, form: str = "paper", procedure: str = "paper", k: int = 5, seed: int = 0,
+def cross_validate(runs: Runs, form: str = "paper", procedure: str = "joint", k: int = 5, seed: int = 0,
                    progress: bool = False) -> dict[str, Any]:
     """k-fold CV (folds stratified like the bootstrap); each fold is a full fit with grids. Errors in loss units."""
     if k < 2 or k > len(runs):

@@ -10,6 +10,7 @@ _EXPORTS = {
     "SparseLinear": "layer",
     "DSTEngine": "dst",
     "optimizer_state": "optim_state", "OptimizerState": "optim_state", "TorchOptimizerState": "optim_state",
+    "AdamDST": "adamdst",
     "DeepSpeedOptimizerState": "optim_state", "fix_deepspeed_state_after_load": "optim_state",
     "allocate": "distribution", "LayerSpec": "distribution",
 }

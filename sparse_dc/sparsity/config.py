@@ -13,6 +13,8 @@ from sparse_dc.config.base import Config, ConfigError
 PROJECTION_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 BLOCK_SIZES = (1, 16, 32, 64, 128)
 RiglScores = Literal["exact", "norm_sum"]
+GrowCandidates = Literal["dead_before_drop", "dead_after_drop"]
+RegrowOptimizer = Literal["reset", "adamdst"]
 BlockTopology = Literal["path_aware", "independent"]
 RegrowInit = Literal["zero", "normal"]
 
@@ -48,9 +50,27 @@ class SparsityConfig(Config):
     prune_rate: float = 0.1
     """Fraction of each layer's live entries/blocks replaced at an update, before decay; in [0, 1)."""
     prune_rate_decay: Literal["cosine", "constant", "linear"] = "cosine"
-    """Decay of the prune rate from `prune_rate` at step 0 to 0 at the stop step."""
+    """Decay of the prune rate from `prune_rate` at step 0 to `min_prune_rate` at the stop step."""
+    min_prune_rate: float = 0.0
+    """Floor of the decayed prune rate. 0: the rate decays to 0 at the stop step and updates stop there (RigL's
+    schedule); > 0 (the paper's code: 0.005): the rate decays to this floor over all steps and updates never stop,
+    which needs stop_fraction = 1."""
     stop_fraction: float = 0.75
     """Topology updates stop after this fraction of the run's optimizer steps, in (0, 1]."""
+    grow_candidates: GrowCandidates = "dead_before_drop"
+    """Which units an update may grow. dead_before_drop: units dead before the update (a just-dropped unit never
+    comes back in the same update); dead_after_drop: every unit dead once the drop is done, just-dropped ones
+    included (RigL's and the paper's code)."""
+    regrow_optimizer: RegrowOptimizer = "reset"
+    """Optimizer state of regrown weights. reset: Adam moments zeroed, the optimizer's global step continues;
+    adamdst (the paper's code, sparse runs only): the run uses the AdamDST optimizer, which keeps a step count
+    per weight; a regrown weight gets zeroed moments and its count set to `regrow_step`, and every first moment
+    is scaled by min(count / momentum_ramp_steps, 1) each step (sparse_dc/sparsity/adamdst.py)."""
+    regrow_step: int = 5
+    """adamdst: the per-weight step count a regrown weight restarts from (the paper's code: 5)."""
+    momentum_ramp_steps: int = 20
+    """adamdst: every step multiplies a weight's first moment by min(its step count / this, 1) (the paper's
+    code: 20)."""
     seed: int = 0
     """Seeds the initial topology and SET's random growth (same on every rank)."""
     block_topology: BlockTopology = "path_aware"
@@ -76,7 +96,23 @@ class SparsityConfig(Config):
         self.check(self.rigl_scores in get_args(RiglScores), path, "rigl_scores", "'exact' or 'norm_sum'")
         self.check(self.update_frequency >= 1, path, "update_frequency", "an integer >= 1")
         self.check(0.0 <= self.prune_rate < 1.0, path, "prune_rate", "a number in [0, 1)")
+        self.check(0.0 <= self.min_prune_rate <= self.prune_rate, path, "min_prune_rate",
+                   f"a number in [0, prune_rate={self.prune_rate}]")
         self.check(0.0 < self.stop_fraction <= 1.0, path, "stop_fraction", "a number in (0, 1]")
+        if self.min_prune_rate > 0:
+            self.check(self.stop_fraction == 1.0, path, "stop_fraction",
+                       f"1.0 with min_prune_rate={self.min_prune_rate} (a floored prune rate decays over all steps "
+                       "and never stops)")
+        self.check(self.grow_candidates in get_args(GrowCandidates), path, "grow_candidates",
+                   "'dead_before_drop' or 'dead_after_drop'")
+        if self.grow_candidates == "dead_after_drop" and self.method == "rigl" and self.block_size > 1:
+            self.check(self.rigl_scores == "norm_sum", path, "grow_candidates",
+                       "'dead_before_drop' for block RigL with rigl_scores='exact' (exact block scores are "
+                       "captured for blocks dead before the update only; use rigl_scores='norm_sum' or B = 1)")
+        self.check(self.regrow_optimizer in get_args(RegrowOptimizer), path, "regrow_optimizer",
+                   "'reset' or 'adamdst'")
+        self.check(self.regrow_step >= 0, path, "regrow_step", "an integer >= 0")
+        self.check(self.momentum_ramp_steps >= 1, path, "momentum_ramp_steps", "an integer >= 1")
         self.check(self.block_topology in get_args(BlockTopology), path, "block_topology",
                    "'path_aware' or 'independent'")
         self.check(self.regrow_init in get_args(RegrowInit), path, "regrow_init", "'zero' or 'normal'")

@@ -9,15 +9,15 @@ The training loop calls, for each optimizer step s = 1, 2, ... (s counts complet
 An update (SET or RigL, Evci et al. 2020 / Mocanu et al. 2018) drops, in every layer, the
 round(rate(s) x live units) live units of smallest magnitude (|w| or block Frobenius norm of the fp32 master
 weights) and grows as many units that were dead before the update: random ones (SET) or those of largest
-dense-gradient score (RigL). With the path-aware block topology (the default for B > 1) every open line of a
-projection keeps its largest block and blocks grow only into open lines (sparse_dc.sparsity.paths). RigL's score
-is |dL/dW| of the step's gradient summed over all micro-batches and ranks: B = 1: |Σ dL/dW| per entry; blocks
-with rigl_scores="exact" (default): ‖Σ dYᵀX‖_F per dead block, the blocks summed in fp32 by the sampled-dW kernel
-over the step's backwards and over ranks before the norm (memory: see sparse_dc.sparsity.layer); with
-rigl_scores="norm_sum": Σ ‖dYᵀX‖_F per backward (and rank), exact only for one micro-batch on one rank.
-Regrown units start at 0 (regrow_init=zero) or at small normal values drawn from a generator keyed by (seed, step,
-layer) (regrow_init=normal); the moments of dropped and grown units are reset through the optimizer-state
-accessor.
+dense-gradient score (RigL). With the path-aware block topology (the default for B > 1) open lines of a projection
+stay open and blocks grow only into open lines (sparse_dc.sparsity.paths). RigL's score is |dL/dW| of the step's
+gradient summed over all micro-batches and ranks: B = 1: |Σ dL/dW| per entry; blocks with rigl_scores="exact"
+(default): ‖Σ dYᵀX‖_F per dead block, the blocks summed in fp32 by the sampled-dW kernel over the step's backwards
+and over ranks before the norm (memory: see sparse_dc.sparsity.layer); with rigl_scores="norm_sum": Σ ‖dYᵀX‖_F per
+backward (and rank), exact only for one micro-batch on one rank. Regrown units start at 0 (regrow_init=zero) or at
+small normal values drawn from a generator keyed by (seed, step, layer) (regrow_init=normal); the moments of
+dropped and grown units are reset through the optimizer-state accessor; with regrow_optimizer="adamdst" the grown
+units' per-weight step count of the AdamDST optimizer restarts at sparsity.regrow_step.
 
 Identical topology on every rank: SET draws from a generator keyed by (seed, step, layer), RigL's scores are
 all-reduced, and the decided masks are then broadcast from rank 0, so ranks agree even if reductions differ in
@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparse_dc.errors import SparseDCError
+from sparse_dc.sparsity.adamdst import ELEMENT_STEP
 from sparse_dc.sparsity.config import SparsityConfig
 from sparse_dc.sparsity.layer import SparseLinear
 from sparse_dc.sparsity.optim_state import OptimizerState, TorchOptimizerState
@@ -43,6 +44,19 @@ from sparse_dc.sparsity.topology import drop_grow, prune_rate_at, unit_generator
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _with_revived(layer: SparseLinear, reset: torch.Tensor, revived: torch.Tensor) -> torch.Tensor:
+    """`set_topology`'s reset plus the units dropped and grown back in the same update (grow_candidates=
+    "dead_after_drop"), which it cannot see (live before and after) but which restart at 0 like any grown unit."""
+    if not bool(revived.any()):
+        return reset
+    if layer.block_size == 1:
+        return reset | revived.to(reset.device)
+    layout = layer.layout  # a revived block keeps its slot: look it up in the new layout
+    slots = torch.full(layout.block_shape, -1, dtype=torch.long, device=layout.device)
+    slots[layout.row_idx.long(), layout.col_idx.long()] = layout.slot.long()
+    return torch.cat([reset, slots[revived.to(layout.device)].to(reset.device)])
 
 
 class DSTEngine:
@@ -68,7 +82,8 @@ class DSTEngine:
 
     # --- schedule ---------------------------------------------------------------------------------------
     def prune_rate(self, step: int) -> float:
-        return prune_rate_at(step, self.cfg.prune_rate, self.stop_step, self.cfg.prune_rate_decay)
+        return prune_rate_at(step, self.cfg.prune_rate, self.stop_step, self.cfg.prune_rate_decay,
+                             self.cfg.min_prune_rate)
 
     def is_update_step(self, step: int) -> bool:
         return (self.cfg.method != "static" and bool(self.layers) and step % self.cfg.update_frequency == 0
@@ -95,30 +110,33 @@ class DSTEngine:
             grow_score = self._grow_score(layer, step, index)
             magnitude, grow_score = magnitude.to(old.device), grow_score.to(old.device)
             n = round(rate * int(old.sum()))
+            regrow_dropped = self.cfg.grow_candidates == "dead_after_drop"
             if name in self.sites:  # every open line stays open; blocks grow only into open lines
-                new = paths.decide(name, old, magnitude, grow_score, n)
+                new, grown = paths.decide(name, old, magnitude, grow_score, n, regrow_dropped)
             else:
-                new = drop_grow(old, magnitude, grow_score, n)
-            if _distributed():  # rank 0's decision is the decision
-                flat = new.to(torch.uint8)
-                dist.broadcast(flat, src=0)
-                new = flat.bool()
+                new, grown = drop_grow(old, magnitude, grow_score, n, regrow_dropped=regrow_dropped)
+            if _distributed():  # rank 0's decision is the decision: 0 dead, 1 kept, 2 grown
+                code = new.to(torch.uint8) + grown.to(torch.uint8)
+                dist.broadcast(code, src=0)
+                new, grown = code > 0, code == 2
             if name in self.sites:  # from the broadcast decision, so every rank locks the same lines
-                paths.record(name, old, new)
-            reset = layer.set_topology(new)
+                paths.record(name, old, new, grown)
+            reset = _with_revived(layer, layer.set_topology(new), grown & old)
             # B = 1: zero the dropped entries in the weight; blocks: zero the grown slots' values (or give grown
             # units their regrow_init values). Moments of both reset, so the optimizer neither moves a pruned
             # weight nor carries stale momentum into a regrown one.
-            self.state.zero_entries(layer.param, reset, fill=self._regrown_values(layer, old, new, reset, step,
-                                                                                  index))
+            self.state.zero_entries(layer.param, reset, fill=self._regrown_values(layer, grown, reset, step, index))
+            if self.cfg.regrow_optimizer == "adamdst":  # regrown weights restart their per-weight step count
+                restart = grown.to(reset.device) if layer.block_size == 1 else reset
+                self.state.fill_state(layer.param, restart, ELEMENT_STEP, float(self.cfg.regrow_step))
             changed = int((old & ~new).sum())
             self.last_changed[name] = changed / max(1, int(old.sum()))
             self.ever_active[name] |= new.cpu()
         self.last_update_step = step
         return self.stats(step)
 
-    def _regrown_values(self, layer: SparseLinear, old: torch.Tensor, new: torch.Tensor, reset: torch.Tensor,
-                        step: int, index: int) -> torch.Tensor | None:
+    def _regrown_values(self, layer: SparseLinear, grown: torch.Tensor, reset: torch.Tensor, step: int,
+                        index: int) -> torch.Tensor | None:
         """What `zero_entries` writes at `reset` (None: zeros): normal values at grown units, zeros at dropped
         ones (B = 1). Drawn on the CPU from a generator keyed by (seed, step, layer): the same on every rank."""
         if self.cfg.regrow_init == "zero":
@@ -126,8 +144,8 @@ class DSTEngine:
         gen = keyed_generator("regrow", self.cfg.seed, step, index)
         std = self.cfg.regrow_init_scale * layer.init_std
         if layer.block_size == 1:
-            grown = (new & ~old)[reset.to(new.device)].cpu()  # reset = dropped | grown entries
-            return torch.randn(grown.shape, generator=gen) * std * grown
+            at_grown = grown[reset.to(grown.device)].cpu()  # reset = dropped | grown entries
+            return torch.randn(at_grown.shape, generator=gen) * std * at_grown
         return torch.randn(reset.numel(), layer.block_size, layer.block_size, generator=gen) * std
 
     def _grow_score(self, layer: SparseLinear, step: int, index: int) -> torch.Tensor:
@@ -151,6 +169,13 @@ class DSTEngine:
         return sum(sum(dead_path_params(block, n_heads).values())
                    for block in model_projections(self.model).values())
 
+    def effective_active_params(self, dead: int) -> int:
+        """`active_params` counted over the live sparse weights on a live path only: active_params x (1 - dead /
+        live sparse weights), which in the paper's N convention (active = dense x live fraction) is dense x the
+        effective live fraction."""
+        live = sum(layer.active_numel for layer in self.layers.values())
+        return self.active_params if not live else max(0, round(self.active_params * (1 - dead / live)))
+
     def stats(self, step: int | None = None) -> dict[str, Any]:
         """Scalars for logs: global density over sparse layers, fraction of live units changed at the last
         update, fraction of units ever active, live parameters on dead paths and the effective active count
@@ -168,7 +193,8 @@ class DSTEngine:
             "changed_fraction": sum(self.last_changed[n] * live[n] for n in live) / max(1, total),
             "ever_active_fraction": sum(int(e.sum()) for e in self.ever_active.values()) / total_units,
             "dead_path_params": dead,
-            **({"effective_active_params": self.active_params - dead} if self.active_params is not None else {}),
+            **({"effective_active_params": self.effective_active_params(dead)} if self.active_params is not None
+               else {}),
             "layer_density": {n: live[n] / units[n] for n in live},
         }
 

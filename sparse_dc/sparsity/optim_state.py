@@ -28,6 +28,10 @@ class OptimizerState(Protocol):
         moment; `where` is a bool mask of p's shape or long indices into p's first dim. `fill`: the values the
         parameter gets at `where` instead of 0 (p[where] = fill); the moments are zeroed either way."""
 
+    def fill_state(self, p: torch.nn.Parameter, where: torch.Tensor, key: str, value: float) -> None:
+        """Set the optimizer state `key` (a tensor of p's shape, e.g. AdamDST's per-weight step) to `value` at
+        `where` (as in zero_entries); a no-op when the optimizer keeps no such state."""
+
 
 class TorchOptimizerState:
     """A plain torch optimizer (or None: the parameters only, e.g. before any optimizer exists)."""
@@ -48,6 +52,12 @@ class TorchOptimizerState:
             if torch.is_tensor(state.get(key)) and state[key].shape == p.shape:
                 state[key][where] = 0
 
+    @torch.no_grad()
+    def fill_state(self, p: torch.nn.Parameter, where: torch.Tensor, key: str, value: float) -> None:
+        state = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+        if torch.is_tensor(state.get(key)) and state[key].shape == p.shape:
+            state[key][where] = value
+
 
 class DeepSpeedOptimizerState:
     """A DeepSpeed engine under ZeRO 1, 2 or 3 (fp32, bf16 or fp16), through deepspeed.utils.safe_get/set_*."""
@@ -55,13 +65,13 @@ class DeepSpeedOptimizerState:
     def __init__(self, engine: Any):
         self.engine = engine
 
-    def _moment_keys(self) -> list[str]:
-        """Moment keys of the wrapped torch optimizer, empty before its first step. Decided from the inner
+    def _state_keys(self, wanted: tuple[str, ...]) -> list[str]:
+        """Which of `wanted` the wrapped torch optimizer keeps (none before its first step). Decided from the inner
         optimizer's state, which every rank holds for its own partition, so all ranks agree (a per-parameter
         test would not: under ZeRO 1/2 a rank may own no fragment of a given parameter)."""
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
         state = next(iter(inner.state.values()), {}) if getattr(inner, "state", None) else {}
-        return [k for k in MOMENT_KEYS if torch.is_tensor(state.get(k))]
+        return [k for k in wanted if torch.is_tensor(state.get(k))]
 
     def get_param(self, p: torch.nn.Parameter) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -76,8 +86,7 @@ class DeepSpeedOptimizerState:
     @torch.no_grad()
     def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True,
                      fill: torch.Tensor | None = None) -> None:
-        from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                     safe_set_full_fp32_param, safe_set_full_optimizer_state)
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
         if param:
             full = safe_get_full_fp32_param(p)
@@ -86,10 +95,20 @@ class DeepSpeedOptimizerState:
                 full[where] = 0 if fill is None else fill.to(full)
                 safe_set_full_fp32_param(p, full)
             self._set_model_copy(p, where, fill)
-        for key in self._moment_keys():
-            moment = safe_get_full_optimizer_state(p, key).reshape(self._shape(p)).clone()
-            moment[where] = 0
-            safe_set_full_optimizer_state(p, moment, key)
+        for key in self._state_keys(MOMENT_KEYS):
+            self._set_state(p, where, key, 0.0)
+
+    @torch.no_grad()
+    def fill_state(self, p: torch.nn.Parameter, where: torch.Tensor, key: str, value: float) -> None:
+        if self._state_keys((key,)):
+            self._set_state(p, where, key, value)
+
+    def _set_state(self, p: torch.nn.Parameter, where: torch.Tensor, key: str, value: float) -> None:
+        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+        full = safe_get_full_optimizer_state(p, key).reshape(self._shape(p)).clone()
+        full[where] = value
+        safe_set_full_optimizer_state(p, full, key)
 
     @staticmethod
     def _set_model_copy(p: torch.nn.Parameter, where: torch.Tensor, fill: torch.Tensor | None) -> None:

@@ -22,8 +22,9 @@ q + k rows), and within a family a line index is open in every sparse member or 
   block in each open line of each member, and draws the rest uniformly in the open lines. Per-layer live counts
   are `allocate`'s, so layer and global densities stay exact.
 - A SET/RigL update keeps the set of open lines (`path_drop_grow`): drop the smallest blocks as usual, refill
-  every open line the drop emptied with its best dead block (random for SET, the highest dense-gradient score for
-  RigL), grow the rest among the dead blocks of open lines, so drop and grow counts, and densities, stay exact.
+  every open line the drop emptied with its best candidate block (random for SET, the highest dense-gradient score
+  for RigL; candidates per sparsity.grow_candidates), grow the rest among the candidates of open lines, so drop
+  and grow counts, and densities, stay exact.
   A line that holds only blocks grown at zero (regrow_init=zero) silences its partners for one step (silu(0) = 0,
   a zero v row gives o nothing) while itself receiving a non-zero gradient from them; two such partners would be
   a saddle no gradient leaves. So, within one update, a line index emptied and refilled in one member of a family
@@ -269,42 +270,45 @@ def _by_line(t: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def path_drop_grow(kind: str, mask: torch.Tensor, magnitude: torch.Tensor, grow_score: torch.Tensor, n: int,
-                   locked: torch.Tensor | None = None) -> torch.Tensor:
-    """One path-aware update of a `kind` projection's mask (module docstring): drop the n live units of smallest
-    `magnitude`, then refill every open line the drop emptied with its dead unit of largest `grow_score`, then
-    grow the rest of the n among the dead units of open lines by `grow_score`. Grown units were dead before the
-    update. A line keeps its largest unit (is never emptied) when `locked` (bool [lines]: a partner line of the
-    same family was emptied and refilled earlier in this update) or when it has no dead unit to refill it with.
-    n is capped so that the live count stays exact. Returns the new bool mask."""
+                   locked: torch.Tensor | None = None, regrow_dropped: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One path-aware update of a `kind` projection's mask (module docstring), `topology.drop_grow`'s contract
+    inside open lines: drop the n live units of smallest `magnitude`, refill every open line the drop emptied with
+    its candidate unit of largest `grow_score`, then grow the rest of the n among the candidates of open lines.
+    Candidates: units dead before the update, or (`regrow_dropped`) every unit dead after the drop. A line keeps
+    its largest unit (is never emptied) when `locked` (bool [lines]: a partner line of the same family was
+    replaced earlier in this update) or when it has no candidate to refill it with. n is capped so that the live
+    count stays exact. Returns (new mask, grown units)."""
     old, mag, score = (_by_line(t, kind).contiguous() for t in (mask, magnitude.float(), grow_score.float()))
     inf = torch.tensor(math.inf, device=old.device)
     open_ = old.any(dim=1)
-    keep = open_ & ~(~old).any(dim=1)
+    keep = torch.zeros_like(open_) if regrow_dropped else open_ & ~(~old).any(dim=1)
     if locked is not None:
         keep |= open_ & locked.to(old.device)
     kept = keep.nonzero().flatten()
     protected = torch.zeros_like(old)
     protected[kept, torch.where(old, mag, -inf).argmax(dim=1)[kept]] = True
-    droppable, growable = old & ~protected, ~old & open_[:, None]
-    n = min(n, int(droppable.sum()), int(growable.sum()))
-    new = old.clone()
-    if n <= 0:
-        return _by_line(new, kind).clone()
-    new.view(-1)[torch.topk(torch.where(droppable, mag, inf).flatten(), n, largest=False).indices] = False
-    emptied = (open_ & ~new.any(dim=1)).nonzero().flatten()
-    new[emptied, torch.where(growable, score, -inf).argmax(dim=1)[emptied]] = True
-    rest = n - emptied.numel()  # <= the growable units left: each emptied line lost >= 1 unit to the n dropped
-    if rest > 0:
-        left = torch.where(growable & ~new, score, -inf).flatten()
-        new.view(-1)[torch.topk(left, rest).indices] = True
-    return _by_line(new, kind).contiguous()
+    droppable = old & ~protected
+    n = min(n, int(droppable.sum()), int(droppable.sum()) if regrow_dropped else int((~old & open_[:, None]).sum()))
+    new, grown = old.clone(), torch.zeros_like(old)
+    if n > 0:
+        new.view(-1)[torch.topk(torch.where(droppable, mag, inf).flatten(), n, largest=False).indices] = False
+        candidates = (~new if regrow_dropped else ~old) & open_[:, None]
+        emptied = (open_ & ~new.any(dim=1)).nonzero().flatten()
+        grown[emptied, torch.where(candidates, score, -inf).argmax(dim=1)[emptied]] = True
+        rest = n - emptied.numel()  # <= candidates left: each emptied line lost >= 1 unit to the n dropped
+        if rest > 0:
+            left = torch.where(candidates & ~grown, score, -inf).flatten()
+            grown.view(-1)[torch.topk(left, rest).indices] = True
+        new |= grown
+    return _by_line(new, kind).contiguous(), _by_line(grown, kind).contiguous()
 
 
-def replaced_lines(kind: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """bool [lines]: the lines that were open in `old` and keep none of its units in `new` (hold only units
-    grown by this update; with regrow_init=zero, only zeros)."""
-    old, new = _by_line(old, kind), _by_line(new, kind)
-    return old.any(dim=1) & ~(old & new).any(dim=1)
+def replaced_lines(kind: str, old: torch.Tensor, new: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
+    """bool [lines]: the lines that were open in `old` and keep none of its units untouched in `new` (they hold
+    only units grown by this update, regrown just-dropped ones included; with regrow_init=zero, only zeros)."""
+    old, new, grown = (_by_line(t, kind) for t in (old, new, grown))
+    return old.any(dim=1) & ~(old & new & ~grown).any(dim=1)
 
 
 class PathAwareUpdate:
@@ -321,11 +325,12 @@ class PathAwareUpdate:
         block, kind = self.sites[name]
         return block, FAMILY_OF[kind]
 
-    def decide(self, name: str, mask: torch.Tensor, magnitude: torch.Tensor, grow_score: torch.Tensor,
-               n: int) -> torch.Tensor:
+    def decide(self, name: str, mask: torch.Tensor, magnitude: torch.Tensor, grow_score: torch.Tensor, n: int,
+               regrow_dropped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new mask, grown units) of layer `name` (`path_drop_grow`)."""
         return path_drop_grow(self.sites[name][1], mask, magnitude, grow_score, n,
-                              self.replaced.get(self._family(name)))
+                              self.replaced.get(self._family(name)), regrow_dropped)
 
-    def record(self, name: str, old: torch.Tensor, new: torch.Tensor) -> None:
-        lines, family = replaced_lines(self.sites[name][1], old, new), self._family(name)
+    def record(self, name: str, old: torch.Tensor, new: torch.Tensor, grown: torch.Tensor) -> None:
+        lines, family = replaced_lines(self.sites[name][1], old, new, grown), self._family(name)
         self.replaced[family] = self.replaced[family] | lines if family in self.replaced else lines

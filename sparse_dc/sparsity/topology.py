@@ -23,17 +23,22 @@ def random_mask(rows: int, cols: int, active: int, generator: torch.Generator) -
     return mask.view(rows, cols)
 
 
-def prune_rate_at(step: int, prune_rate: float, stop_step: int, decay: str) -> float:
-    """Fraction of live units to replace at `step`: prune_rate decayed to 0 at `stop_step` (RigL's cosine
-    schedule: prune_rate x (1 + cos(pi x step / stop_step)) / 2)."""
+def prune_rate_at(step: int, prune_rate: float, stop_step: int, decay: str, floor: float = 0.0) -> float:
+    """Fraction of live units to replace at `step`: prune_rate decayed to `floor` at `stop_step` (RigL's cosine
+    schedule: floor + (prune_rate - floor) x (1 + cos(pi x step / stop_step)) / 2). With floor = 0 updates stop at
+    `stop_step`; with a floor the rate stays there from `stop_step` on (the paper's code decays over all steps
+    with a floor of 0.005: torch's CosineAnnealingLR(T_max = total steps, eta_min = 0.005), stepped once per
+    optimizer step before the update)."""
     if step >= stop_step:
-        return 0.0
+        return floor
     t = step / stop_step
     if decay == "cosine":
-        return prune_rate * 0.5 * (1.0 + math.cos(math.pi * t))
-    if decay == "linear":
-        return prune_rate * (1.0 - t)
-    return prune_rate
+        shape = 0.5 * (1.0 + math.cos(math.pi * t))
+    elif decay == "linear":
+        shape = 1.0 - t
+    else:
+        shape = 1.0
+    return floor + (prune_rate - floor) * shape
 
 
 def _lowest(values: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
@@ -44,15 +49,22 @@ def _lowest(values: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Ten
     return torch.topk(flat, k, largest=False, sorted=False).indices
 
 
-def drop_grow(mask: torch.Tensor, magnitude: torch.Tensor, grow_score: torch.Tensor, n: int) -> torch.Tensor:
-    """One update: drop the n live units of smallest `magnitude`, grow the n dead units (dead *before* the update,
-    so a just-dropped unit is never regrown) of largest `grow_score`. Keeps the live count exactly.
-    Returns the new bool mask (same shape and device as `mask`)."""
-    n = min(n, int(mask.sum()), int((~mask).sum()))
+def drop_grow(mask: torch.Tensor, magnitude: torch.Tensor, grow_score: torch.Tensor, n: int,
+              regrow_dropped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update: drop the n live units of smallest `magnitude`, grow n dead units of largest `grow_score`.
+    Candidates for growth are the units dead before the update (`regrow_dropped=False`: a just-dropped unit never
+    comes back in the same update) or every unit dead after the drop (`regrow_dropped=True`: RigL's and the paper
+    code's rule, where a just-dropped unit competes with the others and, if grown, restarts at 0 like any grown
+    unit). Keeps the live count exactly. Returns (new mask, grown units), bool, same shape and device as `mask`."""
+    live, dead = int(mask.sum()), int((~mask).sum())
+    n = min(n, live if regrow_dropped else min(live, dead))
     new = mask.clone()
+    grown = torch.zeros_like(mask)
     if n <= 0:
-        return new
+        return new, grown
     flat = new.view(-1)
     flat[_lowest(magnitude, mask, n).to(mask.device)] = False
-    flat[_lowest(-grow_score, ~mask, n).to(mask.device)] = True
-    return new
+    candidates = ~new if regrow_dropped else ~mask
+    grown.view(-1)[_lowest(-grow_score, candidates, n).to(mask.device)] = True
+    new |= grown
+    return new, grown

@@ -34,7 +34,9 @@ class OptimizerConfig(Config):
     """Decoupled weight decay on matrices (>= 2-dim parameters, sparse `values` included); norms get none."""
     impl: Literal["torch_adam", "client"] = "torch_adam"
     """torch_adam: DeepSpeed's "AdamW" with torch_adam=true; client: a torch.optim.AdamW handed to DeepSpeed.
-    Both use torch's implementation, so neither triggers a C++ JIT build (FusedAdam/cpu_adam)."""
+    Both use torch's implementation, so neither triggers a C++ JIT build (FusedAdam/cpu_adam). A sparse run with
+    sparsity.regrow_optimizer=adamdst always hands DeepSpeed an AdamDST (sparse_dc/sparsity/adamdst.py) with
+    these lr, betas, eps and weight_decay."""
 
     def validate(self, path: str = "") -> None:
         self.check(self.lr > 0, path, "lr", "a number > 0")
@@ -47,25 +49,47 @@ class OptimizerConfig(Config):
 
 @dataclass(kw_only=True)
 class ScheduleConfig(Config):
-    warmup_steps: int = 100
-    """Linear warmup from 0 to optimizer.lr over this many optimizer steps."""
+    warmup_steps: int | None = 100
+    """Linear warmup from 0 to optimizer.lr over this many optimizer steps. Give exactly one of warmup_steps and
+    warmup_fraction (the other null)."""
+    warmup_fraction: float | None = None
+    """Warmup as a fraction of the run's optimizer steps: int(fraction x total steps) steps (the paper's code:
+    0.05, whatever its `--warmup_steps` says)."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay from optimizer.lr after warmup to min_lr_ratio x lr at the last step."""
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of the peak."""
+    step_convention: Literal["shifted", "hf"] = "shifted"
+    """Where the curve sits on the optimizer steps s = 0 .. T-1 (s = updates done before this one). shifted:
+    warmup (s + 1) / (w + 1), so no update has LR 0, and the decay reaches min_lr_ratio at the last update. hf:
+    the Hugging Face convention of the paper's scheduler: warmup s / w (the first update has LR 0) and decay
+    progress (s - w) / (T - w)."""
 
     def validate(self, path: str = "") -> None:
-        self.check(self.warmup_steps >= 0, path, "warmup_steps", "an integer >= 0")
+        self.check((self.warmup_steps is None) != (self.warmup_fraction is None), path, "warmup_steps",
+                   "exactly one of warmup_steps and warmup_fraction (the other null)")
+        if self.warmup_steps is not None:
+            self.check(self.warmup_steps >= 0, path, "warmup_steps", "an integer >= 0")
+        if self.warmup_fraction is not None:
+            self.check(0 <= self.warmup_fraction < 1, path, "warmup_fraction", "a number in [0, 1)")
         self.check(0 <= self.min_lr_ratio <= 1, path, "min_lr_ratio", "a number in [0, 1]")
         super().validate(path)
 
+    def warmup(self, total_steps: int) -> int:
+        """Warmup length in optimizer steps for a run of `total_steps`."""
+        if self.warmup_fraction is not None:
+            return int(self.warmup_fraction * total_steps)
+        return int(self.warmup_steps or 0)
+
     def lr_factor(self, step: int, total_steps: int) -> float:
         """Multiplier of the peak LR for the update that follows `step` completed optimizer steps."""
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        if self.decay == "constant" or total_steps <= self.warmup_steps:
+        warmup, hf = self.warmup(total_steps), self.step_convention == "hf"
+        if step < warmup:
+            return step / warmup if hf else (step + 1) / (warmup + 1)
+        if self.decay == "constant" or total_steps <= warmup:
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, total_steps - 1 - self.warmup_steps))
+        span = total_steps - warmup if hf else total_steps - 1 - warmup
+        progress = min(1.0, (step - warmup) / max(1, span))
         shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.decay == "cosine" else 1 - progress
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
 

@@ -1,15 +1,18 @@
-"""Rendezvous for every way a run is started: the `deepspeed` launcher, `torchrun`, SLURM `srun`, or a plain
-single process; then DeepSpeed's process group (NCCL on GPU, gloo on CPU).
+"""Rendezvous for every way a run is started: the `deepspeed` launcher, `torchrun`, `mpirun` (also
+`deepspeed --launcher openmpi`), SLURM `srun`, or a plain single process; then DeepSpeed's process group (NCCL on
+GPU, gloo on CPU).
 
-The deepspeed launcher and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Under
-`srun` only SLURM_* variables exist: they are translated. A plain process gets a one-rank world on a free port
-(without these variables DeepSpeed falls back to probing MPI).
+The deepspeed launcher and torchrun export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. MPI
+launchers export only their own rank variables (OMPI_COMM_WORLD_* for Open MPI, PMI_* for MPICH and Intel MPI),
+and `srun` only SLURM_* ones: both are translated. A plain process gets a one-rank world on a free port (without
+these variables DeepSpeed falls back to probing MPI).
 """
 from __future__ import annotations
 
 import os
 import re
 import socket
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from sparse_dc.errors import SparseDCError
@@ -21,7 +24,7 @@ class DistEnv:
     local_rank: int
     world_size: int
     launcher: str
-    """"torchrun/deepspeed" (env already set), "slurm" or "single"."""
+    """"torchrun/deepspeed" (env already set), "mpi", "slurm" or "single"."""
 
     @property
     def is_main(self) -> bool:
@@ -40,18 +43,46 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + first
 
 
+# The variables each MPI launcher exports to its ranks: (global rank, world size, rank on this node, ranks on this
+# node); a launcher is recognised by its first three. Checked before SLURM_*: an `mpirun` inside an allocation gives
+# every rank the batch step's SLURM_PROCID=0. (srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE but no local rank: SLURM_*.)
+_MPI_VARIABLES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPICH's Hydra, Intel MPI
+)
+
+
+def _mpi_world(env: MutableMapping[str, str]) -> bool:
+    """Translate an MPI launcher's rank variables; False when this process was not started by one."""
+    names = next((names for names in _MPI_VARIABLES if all(name in env for name in names[:3])), None)
+    if names is None:
+        return False
+    rank, size, local_rank, local_size = names
+    # DeepSpeed's engine asserts that LOCAL_RANK equals OMPI_COMM_WORLD_LOCAL_RANK whenever the latter is set
+    env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = env[rank], env[size], env[local_rank]
+    if "MASTER_ADDR" not in env:
+        if env.get(local_size, env[size]) != env[size]:
+            raise SparseDCError(f"{size}={env[size]} ranks over several nodes ({local_size}={env[local_size]}) and "
+                                "MASTER_ADDR is not set: expected the first node's address exported to every rank "
+                                "(mpirun -x MASTER_ADDR=node01)")
+        env["MASTER_ADDR"] = "127.0.0.1"  # every rank on this node
+    return True
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def setup_env(environ: dict[str, str] | None = None) -> DistEnv:
+def setup_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
     """Fill in the rendezvous variables (in `environ`, default os.environ) and describe this process."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher = "torchrun/deepspeed"
         env.setdefault("LOCAL_RANK", env["RANK"])
+    elif _mpi_world(env):
+        launcher = "mpi"  # every rank must agree on MASTER_PORT: the fixed default below unless exported
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         launcher = "slurm"
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]

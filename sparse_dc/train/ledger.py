@@ -1,12 +1,16 @@
 """The run ledger: one JSON line per finished run, read by the scaling-law toolkit (`sparse-dc law`).
 
-Shared field names (the law toolkit's contract): `name`, `dense_params` (dense-equivalent N in the paper fit's
-convention: every parameter but the input embedding table, see sparse_dc/model/params.py), `active_params` (the
-same over live parameters), `density`, `unique_tokens`, `tokens`, `val_loss`. The rest: raw totals
-(`*_params_total`, embedding included) and non-embedding counts, `effective_active_params` (the active ones on a
-live gradient path, the only ones that can train; sparse_dc.sparsity.paths), `epochs` (R = D / U), the validation
-set (`val_tokens`, `val_source`: heldout | prefix, `val_from`), block size, block topology, DST method and regrowth
-init, throughput, wall time, config hash, git commit.
+Shared field names (the law toolkit's contract): `name`, `dense_params` and `active_params` (N exactly as the
+paper's fit counts it: every parameter but the input embedding table, and active = dense x the measured live
+fraction of the sparse layers, the LM head included and scaled; see sparse_dc/model/params.py), `density`,
+`unique_tokens`, `tokens` (U and D in sequence slots, the paper's count), `val_loss`. The rest: the physical
+counts (`active_params_physical`: live parameters but the input embedding; raw totals `*_params_total`, embedding
+included; non-embedding counts), `density_measured` (the live fraction), real (unpadded) token counts,
+`val_loss_paper` (the paper code's estimator), `effective_active_params` (active_params counted over the live
+sparse weights on a live gradient path only, the ones that can train; `dead_path_params`: the live weights that
+cannot; sparse_dc.sparsity.paths), `epochs` (R = D / U), the validation set (`val_tokens`, `val_source`: heldout |
+prefix, `val_from`), block size (null for a dense run), block topology, DST method and regrowth init, throughput,
+wall time, config hash, git commit.
 
 Appends are one `write()` of a whole line on an O_APPEND descriptor under an exclusive `flock`, so concurrent runs
 sharing a ledger (an array job on one filesystem) never interleave or tear lines. `update_row` changes one row in
@@ -119,9 +123,10 @@ def read_ledger(path: str) -> list[dict[str, Any]]:
 
 
 def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens_per_s: float, wall_time_s: float,
-             steps: int, world_size: int, dead_path_params: int = 0) -> dict[str, Any]:
+             steps: int, world_size: int, val_loss_paper: float | None = None,
+             effective_active_params: int | None = None, dead_path_params: int = 0) -> dict[str, Any]:
     """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan;
-    `dead_path_params`: live parameters on a dead gradient path at the end (sparse_dc.sparsity.paths)."""
+    `effective_active_params`, `dead_path_params`: the DST engine's final stats (None: all active ones)."""
     return {
         "name": cfg.name,
         "dense_params": counts.law_dense,
@@ -130,18 +135,24 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "unique_tokens": plan.unique_tokens,
         "tokens": plan.total_tokens,
         "val_loss": val_loss,
+        "val_loss_paper": val_loss_paper,
+        "active_params_physical": counts.law_active_physical,
         "dense_params_total": counts.dense,
         "active_params_total": counts.active,
         "dense_params_non_embedding": counts.dense_non_embedding,
         "active_params_non_embedding": counts.active_non_embedding,
-        "density_measured": counts.density,
-        "effective_active_params": counts.law_active - dead_path_params,  # active_params that can train
+        "density_measured": counts.live_fraction,
+        "effective_active_params": counts.law_active if effective_active_params is None else effective_active_params,
+        "dead_path_params": dead_path_params,
         "epochs": plan.total_tokens / plan.unique_tokens,
+        "packing": plan.packing,
+        "unique_real_tokens": plan.unique_real_tokens,
+        "real_tokens": plan.total_real_tokens,
         "seq_len": plan.seq_len,
         "val_tokens": plan.val_tokens,  # val_loss was measured on these tokens of:
         "val_source": plan.val_source,  # "heldout" (a separate prepared set) or "prefix" (carved off the corpus)
         "val_from": plan.val_from,
-        "block_size": cfg.sparsity.block_size,
+        "block_size": cfg.sparsity.block_size if cfg.sparsity.sparse else None,
         "dst_method": cfg.sparsity.method if cfg.sparsity.sparse else "dense",
         "block_topology": cfg.sparsity.block_topology if cfg.sparsity.block_size > 1 else "independent",
         "regrow_init": cfg.sparsity.regrow_init,

@@ -4,8 +4,9 @@ checkpoints.
 A ZeRO 1/2/3 checkpoint stores the fp32 master weights and Adam moments as one flat shard per rank, so it loads
 only into the world size that wrote it. On a mismatch, rank 0 converts the tag once with
 `deepspeed.checkpoint.ds_to_universal` into a sibling folder holding one full tensor per parameter and state
-(fp32, exp_avg, exp_avg_sq, step), every rank waits, and the engine loads it with its universal-checkpoint path,
-which re-slices each tensor for the new partitioning:
+(fp32, exp_avg, exp_avg_sq, step, and any other elementwise optimizer state such as AdamDST's per-weight step:
+extra_states.py), every rank waits, and the engine loads it with its universal-checkpoint path, which re-slices
+each tensor for the new partitioning:
 
     checkpoints/step_00000120/             the ZeRO checkpoint, written by N ranks (untouched)
     checkpoints/step_00000120_universal/   its universal form (made on demand; pruned with its tag)
@@ -58,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from sparse_dc.errors import SparseDCError
+from sparse_dc.train.extra_states import restore_extra_states, write_extra_states
 
 SUFFIX = "_universal"
 
@@ -88,6 +90,7 @@ def convert_to_universal(ckpt_dir: str, tag: str, workers: int = 1) -> str:
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its prints and tqdm bars
             ds_to_universal(args)
+        write_extra_states(args.input_folder, staged)  # e.g. AdamDST's per-weight step
     except Exception as exc:
         shutil.rmtree(work, ignore_errors=True)
         # a bare assert in the converter has no message: its last printed lines say how far it got
@@ -137,6 +140,7 @@ def load_universal(engine: Any, ckpt_dir: str, tag: str) -> tuple[str | None, di
                                                     load_lr_scheduler_states=True)
     if path is not None:
         repair_optimizer_state(engine, os.path.join(ckpt_dir, universal_tag(tag)))
+        restore_extra_states(engine, os.path.join(ckpt_dir, universal_tag(tag)))
         load_buffers(engine.module, os.path.join(ckpt_dir, tag))
     return path, client_state or {}
 

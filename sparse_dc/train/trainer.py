@@ -23,7 +23,7 @@ from sparse_dc.config.run import RunConfig
 from sparse_dc.data.loader import TokenBudget, TokenBudgetDataset
 from sparse_dc.errors import SparseDCError
 from sparse_dc.model import build_model, count_params, flops_per_token
-from sparse_dc.sparsity import DSTEngine, optimizer_state
+from sparse_dc.sparsity import AdamDST, DSTEngine, optimizer_state
 from sparse_dc.sparsity.paths import dead_path_warning
 from sparse_dc.train import ledger
 from sparse_dc.train.checkpoint import Checkpointer, ResumeError, StopSignal
@@ -48,10 +48,14 @@ def resume_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:16]
 
 
-def token_loss_sum(model: Any, tokens: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy of tokens [B, L] (B x (L - 1) predictions), computed in fp32."""
+def token_loss_sum(model: Any, tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token cross-entropy of tokens [B, L] in fp32: B x (L - 1) predictions, or with `loss_mask`
+    (bool [B, L], True = real token) only those whose target token is real."""
     logits = model(tokens[:, :-1])  # (B, L - 1, vocab)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum")
+    targets = tokens[:, 1:]
+    if loss_mask is not None:
+        targets = targets.masked_fill(~loss_mask[:, 1:], -100)  # cross_entropy's ignore_index
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -61,22 +65,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def build_optimizer(cfg: RunConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer | None:
+    """The torch optimizer handed to DeepSpeed, or None when DeepSpeed builds its own ("AdamW", torch_adam): AdamDST
+    for a sparse run with sparsity.regrow_optimizer=adamdst, torch's AdamW for optimizer.impl=client."""
+    opt, sparsity = cfg.train.optimizer, cfg.sparsity
+    if sparsity.sparse and sparsity.regrow_optimizer == "adamdst":
+        return AdamDST(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                       momentum_ramp_steps=sparsity.momentum_ramp_steps)
+    if opt.impl == "client":
+        return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+    return None
+
+
 def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, total_steps: int) -> Any:
     """A DeepSpeed engine over `model` with the generated ZeRO config and a warmup + decay LambdaLR."""
     import deepspeed
 
     tc = cfg.train
     groups = param_groups(model, tc.optimizer.weight_decay)
-    optimizer = None
-    if tc.optimizer.impl == "client":
-        optimizer = torch.optim.AdamW(groups, lr=tc.optimizer.lr, betas=tuple(tc.optimizer.betas),
-                                      eps=tc.optimizer.eps)
+    optimizer = build_optimizer(cfg, groups)
+    ds_config = tc.deepspeed_config(world_size)
+    if optimizer is not None:
+        ds_config.pop("optimizer", None)
+        ds_config["zero_allow_untested_optimizer"] = True  # DeepSpeed vets only its own list of optimizer types
 
     def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: tc.schedule.lr_factor(s, total_steps))
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                           lr_scheduler=schedule, config=tc.deepspeed_config(world_size))
+                                           lr_scheduler=schedule, config=ds_config)
     return engine
 
 
@@ -101,6 +118,7 @@ class Trainer:
         self.step, self.samples, self.train_time, self.wall_time = 0, 0, 0.0, 0.0
         self._wall_start = time.perf_counter()
         self.last_val: float | None = None
+        self.last_val_paper: float | None = None
 
     # --- resume -----------------------------------------------------------------------------------------
     def marker(self) -> dict[str, Any]:
@@ -200,24 +218,24 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, Any]]) -> tuple[float, float | None]:
         """One optimizer step over this rank's micro-batches; returns (global mean token loss, grad norm)."""
         step = self.step + 1
-        # tokens predicted in this global batch, all ranks (the final batch of a run may be partial)
-        batch_samples = micro_batches[-1]["samples_end"] - self.samples
-        n_tokens = batch_samples * (self.plan.seq_len - 1)
+        # targets the loss counts in this global batch, all ranks (a partial final batch has fewer; document
+        # packing counts real targets only): the normaliser, so the gradient is the same at any world size
+        n_tokens = micro_batches[-1]["batch_targets"]
         self.dst.begin_step(step)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for k, mb in enumerate(micro_batches):
-            loss_sum += self.forward_backward_step(mb["tokens"], n_tokens)
+            loss_sum += self.forward_backward_step(mb["tokens"], n_tokens, mb.get("loss_mask"))
             if k < len(micro_batches) - 1:
                 self.engine.step()  # DeepSpeed counts micro-steps here; it updates only at the boundary below
         if dist.is_initialized() and self.denv.world_size > 1:
             dist.all_reduce(loss_sum)
-        loss = float(loss_sum) / n_tokens
+        loss = float(loss_sum) / max(n_tokens, 1)
         if not math.isfinite(loss):
             latest = self.checkpointer.latest()
             kept = f"the last good checkpoint is step {latest[0]}" if latest else "no checkpoint was saved yet"
             raise TrainingDiverged(f"loss is {loss} at step {step}: stopping ({kept}; lower train.optimizer.lr "
-                                   "or raise schedule.warmup_steps)")
-        self.engine.step()  # the accumulation boundary: clip, AdamW, LR schedule
+                                   "or lengthen the warmup)")
+        self.engine.step()  # the accumulation boundary: clip, optimizer, LR schedule
         self.step = step
         stats = self.dst.end_step(step)
         if stats is not None:
@@ -232,8 +250,10 @@ class Trainer:
         if warning is not None:
             self.metrics.message(warning)
 
-    def forward_backward_step(self, tokens: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Forward + backward of one micro-batch tokens [micro, L]; returns its summed token loss (float64).
+    def forward_backward_step(self, tokens: torch.Tensor, n_tokens: int,
+                              loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward + backward of one micro-batch tokens [micro, L] (loss_mask: bool [micro, L] under document
+        packing); returns its summed token loss (float64).
 
         Scaled so the optimizer sees d(sum of token losses over the global batch)/dθ / n_tokens exactly,
         also for a partial final batch: DeepSpeed divides by accumulation steps and averages over ranks, so
@@ -241,38 +261,49 @@ class Trainer:
         in forward, a collective) on one dummy row with weight 0."""
         weight = 1.0
         if tokens.shape[0] == 0:
-            tokens, weight = torch.zeros(1, self.plan.seq_len, dtype=torch.long), 0.0
-        loss_sum = token_loss_sum(self.engine, tokens.to(self.device, non_blocking=True)) * weight
-        self.engine.backward(loss_sum * (self.accumulation * self.denv.world_size / n_tokens))
+            tokens, loss_mask, weight = torch.zeros(1, self.plan.seq_len, dtype=torch.long), None, 0.0
+        if loss_mask is not None:
+            loss_mask = loss_mask.to(self.device, non_blocking=True)
+        loss_sum = token_loss_sum(self.engine, tokens.to(self.device, non_blocking=True), loss_mask) * weight
+        self.engine.backward(loss_sum * (self.accumulation * self.denv.world_size / max(n_tokens, 1)))
         return loss_sum.detach().double()
 
     # --- evaluation and the end of a run -----------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean token loss on the held-out validation sequences (collective; None without validation data)."""
+        """Validation loss on the held-out sequences (collective; None without validation data), two ways on the
+        same batches: `val_loss`, the mean over every predicted token (real targets only under document packing),
+        returned; `val_loss_paper`, the paper code's estimator: the sum of per-batch mean losses / (batches + 1),
+        biased low by a factor batches / (batches + 1) (docs/fidelity.md). Batch j is validation sequences
+        [j x micro_batch, (j + 1) x micro_batch), whatever the world size; ranks take batches round-robin."""
         n = self.budget.validation_sequences()
         if self.tc.eval_sequences is not None:
             n = min(n, self.tc.eval_sequences)
         if n == 0:
             return None
-        share = np.array_split(np.arange(n), self.denv.world_size)[self.denv.rank]
-        chunks = math.ceil(math.ceil(n / self.denv.world_size) / self.tc.micro_batch)  # same count on every rank
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss sum, tokens)
-        for c in range(chunks):
-            ids = share[c * self.tc.micro_batch:(c + 1) * self.tc.micro_batch]
-            weight = 1.0 if len(ids) else 0.0
-            tokens = torch.from_numpy(self.budget.validation_batch(ids if len(ids) else share[:0]))
-            if not len(ids):
-                tokens = torch.zeros(1, self.plan.seq_len, dtype=torch.long)
-            tokens = tokens.to(self.device)
-            loss = token_loss_sum(self.engine, tokens)
-            total += torch.stack([loss.double() * weight, torch.tensor(weight * tokens[:, 1:].numel(),
-                                                                       dtype=torch.float64, device=self.device)])
-        if dist.is_initialized() and self.denv.world_size > 1:
+        size, world, rank = self.tc.micro_batch, self.denv.world_size, self.denv.rank
+        batches = math.ceil(n / size)
+        total = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, targets, sum of means, batches
+        for first in range(0, batches, world):  # the same number of forwards on every rank (ZeRO 3 gathers)
+            j = first + rank
+            if j < batches:
+                mb = self.budget.validation_micro_batch(np.arange(j * size, min((j + 1) * size, n)))
+                tokens, mask = mb["tokens"].to(self.device), mb.get("loss_mask")
+                mask = mask.to(self.device) if mask is not None else None
+            else:
+                tokens, mask = torch.zeros(1, self.plan.seq_len, dtype=torch.long, device=self.device), None
+            loss = token_loss_sum(self.engine, tokens, mask).double()
+            targets = float(mask[:, 1:].sum()) if mask is not None else float(tokens[:, 1:].numel())
+            if j < batches and targets > 0:
+                total += torch.stack([loss, loss.new_tensor(targets), loss / targets, loss.new_tensor(1.0)])
+        if dist.is_initialized() and world > 1:
             dist.all_reduce(total)
+        if float(total[1]) == 0:  # every validation sequence is a single token: nothing to predict
+            return None
         self.last_val = float(total[0] / total[1])
-        self.metrics.log({"step": self.step, "val_loss": self.last_val, "val_ppl": perplexity(self.last_val)},
-                         prefix="eval")
+        self.last_val_paper = float(total[2] / (total[3] + 1))
+        self.metrics.log({"step": self.step, "val_loss": self.last_val, "val_ppl": perplexity(self.last_val),
+                          "val_loss_paper": self.last_val_paper}, prefix="eval")
         return self.last_val
 
     def replica_digest(self) -> str:
@@ -292,7 +323,8 @@ class Trainer:
         val = self.evaluate()
         if self.tc.save_final:
             self.save()
-        record: dict[str, Any] = {"step": self.step, "dst": self.dst.stats() if self.dst.layers else None}
+        stats = self.dst.stats()  # also a dense model's: its dead-path count (0 unless projections are missing)
+        record: dict[str, Any] = {"step": self.step, "dst": stats if self.dst.layers else None}
         if self.tc.verify_replicas:
             digests: list[Any] = [None] * self.denv.world_size
             mine = self.replica_digest()
@@ -304,8 +336,9 @@ class Trainer:
             if len(set(digests)) > 1:
                 self.metrics.message(f"WARNING: ranks hold different parameters/topology: {digests}")
         self.metrics.log(record, prefix="final")
-        row = ledger.make_row(self.cfg, self.counts, self.plan, val_loss=val,
-                              dead_path_params=self.dst.dead_path_params(),
+        row = ledger.make_row(self.cfg, self.counts, self.plan, val_loss=val, val_loss_paper=self.last_val_paper,
+                              effective_active_params=stats["effective_active_params"],
+                              dead_path_params=stats["dead_path_params"],
                               tokens_per_s=self.plan.total_tokens / max(self.train_time, 1e-9),
                               wall_time_s=self.elapsed(), steps=self.step, world_size=self.denv.world_size)
         self.metrics.summary(row)

@@ -6,7 +6,8 @@ import stat
 import pytest
 
 from sparse_dc.config import ConfigError
-from sparse_dc.launch.sweep import SweepError, expand, finished, parse_grid_args, run_name, run_sweep, slurm_command
+from sparse_dc.launch.sweep import (SweepError, expand, finished, parse_grid_args, run_name, run_sweep, slurm_command,
+                                   slurm_log_dir)
 
 
 @pytest.fixture
@@ -72,8 +73,9 @@ for id in $(echo "$jobs" | tr , ' '); do grep -qx "$id" {state}/queue && echo "$
     return state, {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
-def test_slurm_resweep_skips_queued_jobs_and_resubmits_ended_ones(base, tmp_path, fake_slurm):
+def test_slurm_resweep_skips_queued_jobs_and_resubmits_ended_ones(base, tmp_path, fake_slurm, monkeypatch):
     state, env = fake_slurm
+    monkeypatch.chdir(tmp_path)  # submitting creates the script's job-log folder, relative to here
     runs = expand(base, {"sparsity.density": [1.0, 0.5, 0.25]})
     ledger, logs = str(tmp_path / "ledger.jsonl"), str(tmp_path / "logs")
     names = [r.name for r in runs]
@@ -91,6 +93,22 @@ def test_slurm_resweep_skips_queued_jobs_and_resubmits_ended_ones(base, tmp_path
     with pytest.raises(SweepError, match="squeue failed .*Unable to contact"):
         run_sweep(runs, base, ledger, logs, "slurm", env=env)
     assert len((state / "submitted").read_text().split()) == 4
+
+
+def test_slurm_submission_creates_the_job_log_folder_first(base, tmp_path, fake_slurm, monkeypatch):
+    """SLURM opens the job's --output file before the script runs and fails the job, without a log, when its folder
+    is missing (tests/cluster/test_slurm.py shows it on a real cluster)."""
+    _, env = fake_slurm
+    monkeypatch.chdir(tmp_path)
+    runs = expand(base, {"sparsity.density": [1.0]})
+    assert not (tmp_path / "runs").exists()
+    run_sweep(runs, base, str(tmp_path / "ledger.jsonl"), str(tmp_path / "logs"), "slurm", env=env)
+    assert (tmp_path / "runs" / "slurm").is_dir()  # train.sbatch: #SBATCH --output=runs/slurm/%x-%j.out
+    # the command line overrides the header, relative to --chdir when given; a %-pattern folder cannot be made
+    assert slurm_log_dir(["--output=logs/x/%j.out"]) == str(tmp_path / "logs" / "x")
+    assert slurm_log_dir(["-D", "/scratch", "-o", "out/%x.out"]) == "/scratch/out"
+    assert slurm_log_dir(["--chdir=/scratch", "-ojob.out"]) == "/scratch/"
+    assert slurm_log_dir(["--output", "%u/%j.out"]) is None
 
 
 def test_console_script_lists_sweep_and_quickstart_and_ignores_deepspeed_local_rank(capsys):

@@ -1,4 +1,6 @@
 """Llama model: shapes, causality, presets, parameter accounting (built vs analytic vs hand formula), FLOPs."""
+import math
+
 import pytest
 import torch
 
@@ -55,13 +57,17 @@ def test_preset_counts_match_hand_formula(name):
 
 @pytest.mark.parametrize("name,paper", [("60m", 8.0e7), ("120m", 1.45e8), ("480m", 5.21e8)])
 def test_law_counts_follow_the_papers_convention(name, paper):
-    """The ledger's N (law_dense) is within 3% of the paper's published count; the raw total is far off."""
+    """The ledger's N (law_dense) is within 3% of the paper's published count; the raw total is far off. A sparse
+    run's N is the paper's N_dense x S (the head scaled too, although it stays dense); what the run physically
+    holds has its own count."""
     counts = param_counts(ModelConfig(preset=name), SparsityConfig(), vocab_size=32000)
     assert counts.law_dense == counts.dense - counts.embedding
     assert abs(counts.law_dense / paper - 1) < 0.03
     assert counts.dense / paper - 1 > 0.07  # two vocab x d matrices: 7% (480m) to 19% (60m) too many
     half = param_counts(ModelConfig(preset=name), SparsityConfig(density=0.5, block_size=64), vocab_size=32000)
-    assert half.law_active == half.active_non_embedding + half.head
+    assert half.live_fraction == 0.5 and half.law_active == round(0.5 * half.law_dense)
+    assert abs(half.law_active / (0.5 * paper) - 1) < 0.03
+    assert half.law_active_physical == half.active_non_embedding + half.head > half.law_active
 
 
 @pytest.mark.parametrize("block_size,distribution", [(1, "uniform"), (32, "erk"), (16, "am_ratio")])
@@ -134,3 +140,19 @@ def test_model_cli_prints_table(capsys):
     assert model_cli(["--preset", "20m", "--block-size", "64", "--density", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "704*" in out and "rounded up to a multiple of block size 64" in out
+
+
+@pytest.mark.parametrize("init", ["normal", "scaled_residual"])
+def test_init_and_norm_eps_options(init):
+    """init=normal (the paper's Hugging Face Llama): every weight matrix N(0, init_std); scaled_residual: o and down
+    at init_std / sqrt(2 x n_layers). The RMSNorm epsilon is the configured one."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", n_layers=8, init=init, norm_eps=1e-6)
+    model = build_model(cfg, SparsityConfig(), vocab_size=512)
+    residual = 0.02 / math.sqrt(2 * 8) if init == "scaled_residual" else 0.02
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            want = residual if name.endswith(("attn.o.weight", "mlp.down.weight")) else 0.02
+            assert float(p.detach().std()) == pytest.approx(want, rel=0.05), name
+    norms = [m for m in model.modules() if type(m).__name__ == "RMSNorm"]
+    assert len(norms) == 17 and all(m.eps == 1e-6 for m in norms)

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -102,3 +103,53 @@ def test_importing_the_toolkit_does_not_import_torch():
             "sparse_dc.scaling.plots; bad = [m for m in ('torch', 'deepspeed', 'triton', 'matplotlib') "
             "if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_far_outside_the_fitted_range_warns_but_answers(capsys):
+    code, out, err = run(capsys, "predict", "--preset", "paper", "--active-params", "1e8", "--unique-tokens", "1e9",
+                         "--tokens", "5e5", "--density", "1e-4", "--json")
+    assert code == 0 and "loss" in json.loads(out)
+    lines = err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("sparse-dc law: warning: ") for line in lines)
+    assert "tokens=5e+05 < unique_tokens=1e+09" in lines[0] and "density=0.0001" in lines[2]
+    code, out, err = run(capsys, "plan", "--preset", "paper", "--unique-tokens", "1e9", "--compute", "1e31")
+    assert code == 0 and "recommended: model" in out and "compute=1e+31 FLOPs: beyond 1e+30" in err
+    code, _, err = run(capsys, "predict", "--preset", "paper", "--active-params", "1e8", "--unique-tokens", "1e9",
+                       "--tokens", "4e9", "--density", "0.5")
+    assert code == 0 and err == ""
+
+
+def test_plan_sizes_960m_as_built_or_as_the_notebook_labelled_it(capsys):
+    argv = ["plan", "--preset", "paper", "--unique-tokens", "1e9", "--compute", "3e19", "--json"]
+    built = json.loads(run(capsys, *argv)[1])
+    label = json.loads(run(capsys, *argv, "--sizes", "notebook")[1])
+    assert built["preset"] == label["preset"] == "960m"
+    assert built["preset_dense_params"] == 1_026_316_032 and label["preset_dense_params"] == 1.17e9
+
+
+def test_fit_reports_duplicates_and_sub_epoch_runs(tmp_path, capsys, train_runs):
+    rows = train_runs.subset(np.arange(12)).to_rows()
+    rows[3]["tokens"] = 0.5 * rows[3]["unique_tokens"]
+    ledger = tmp_path / "l.jsonl"
+    ledger.write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[0]]))
+    code, out, err = run(capsys, "fit", str(ledger), "--out", str(tmp_path / "f.json"), "--anchor", "paper")
+    assert code == 0 and "fit: 12 runs" in out
+    assert "1 run name(s) appear more than once (syn-0000 x2): using the last row" in err
+    assert "1 run(s) train for less than one epoch" in err and err.count("\n") == 2
+    code, out, _ = run(capsys, "fit", str(ledger), "--out", str(tmp_path / "f.json"), "--anchor", "paper",
+                       "--keep-duplicates")
+    assert code == 0 and "fit: 13 runs" in out
+
+
+def test_paper_stages_and_unreadable_files_are_one_line_errors(tmp_path, capsys, train_runs):
+    write_runs(train_runs, str(tmp_path / "l.jsonl"))
+    code, _, err = run(capsys, "fit", str(tmp_path / "l.jsonl"), "--out", str(tmp_path / "f.json"), "--form",
+                       "chinchilla", "--stages", "paper")
+    assert code == 2 and "stages=paper: the official notebook's procedure fits the paper law only" in err
+    (tmp_path / "latin1.jsonl").write_bytes('{"name": "caf\xe9"}\n'.encode("latin-1"))
+    (tmp_path / "fit.json").write_bytes(b"\xff{}")
+    for argv in (["fit", str(tmp_path / "latin1.jsonl"), "--out", str(tmp_path / "f.json")],
+                 ["predict", "--params", str(tmp_path / "fit.json"), "--active-params", "1e8", "--unique-tokens",
+                  "1e9", "--tokens", "4e9", "--density", "1"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "not UTF-8" in err and err.count("\n") == 1

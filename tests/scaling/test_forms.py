@@ -11,7 +11,8 @@ from sparse_dc.scaling.forms import CHINCHILLA, MUENNIGHOFF, PAPER, find_preset,
 
 
 def by_hand(N, U, D, S, p=PAPER):
-    """scaling-law.md written out literally in scalar math (independent of the vectorised implementation)."""
+    """scaling-law.md (the official notebook's `scaling_law`) written out literally in scalar math, independent of
+    the vectorised implementation."""
     A, B, E, alpha = math.exp(p["a"]), math.exp(p["b"]), math.exp(p["e"]), p["alpha"]
     beta = alpha
     f = S ** p["eps"] + p["c"] * (1 - S) ** p["mu"]
@@ -33,9 +34,21 @@ def point(N, U, D, S):
 
 
 @pytest.mark.parametrize("N,U,D,S", [(1e8, 1e9, 4e9, 0.5), (9.6e8, 2.6e9, 2.08e10, 0.5), (3e9, 1e8, 1.6e9, 0.0625),
-                                     (5e7, 2e9, 2e9, 1.0), (2e9, 1e8, 3.2e9, 0.25)])
+                                     (5e7, 2e9, 2e9, 1.0), (2e9, 1e8, 3.2e9, 0.25),
+                                     (1.3e9, 1.3e8, 2e7, 1.0), (2e8, 1e9, 1e8, 0.125)])  # D < U: R_D = 0, D_eff = U
 def test_paper_preset_matches_formula_by_hand(N, U, D, S):
     assert get_form("paper").predict(PAPER, point(N, U, D, S))[0] == pytest.approx(by_hand(N, U, D, S), rel=1e-12)
+
+
+def test_law_is_the_notebooks_to_the_last_bits():
+    """2000 random (N, U, D, S), D from 0.05 to 40 epochs (below one epoch too): the logsumexp form equals the
+    literal formula (the notebook's `scaling_law`) to a few units in the last place."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    N, U = np.exp(rng.uniform(np.log(1e7), np.log(1e10), n)), np.exp(rng.uniform(np.log(1e8), np.log(3e10), n))
+    D, S = U * np.exp(rng.uniform(np.log(0.05), np.log(40), n)), rng.choice([1.0, 0.5, 0.25, 0.125, 0.0625], n)
+    ours = get_form("paper").predict(PAPER, SimpleNamespace(active_params=N, unique_tokens=U, tokens=D, density=S))
+    np.testing.assert_allclose(ours, np.vectorize(by_hand)(N, U, D, S), rtol=2e-15, atol=0)
 
 
 def test_sanity_values_from_the_reference():
@@ -50,6 +63,12 @@ def test_dense_single_epoch_reduces_to_chinchilla_form():
     A, B, E = (math.exp(PAPER[k]) for k in ("a", "b", "e"))
     expected = E + A * 1.0 / N ** alpha + B / U ** alpha  # f(1) = 1
     assert get_form("paper").predict(PAPER, point(N, U, U, 1.0))[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_dense_run_has_f_one_whatever_mu():
+    """c (1-S)^mu is exactly 0 at S = 1 (the official code's 0^mu would be inf for mu < 0)."""
+    law, x = get_form("paper"), point(5e7, 1e9, 1e9, 1.0)
+    assert law.predict({**PAPER, "mu": -0.5}, x)[0] == law.predict({**PAPER, "c": 0.0}, x)[0] == law.predict(PAPER, x)[0]
 
 
 def test_repetition_raises_loss_less_when_sparse():

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from sparse_dc.scaling.ledger import LedgerError, read_runs, write_runs
+from sparse_dc.scaling.ledger import LedgerError, LedgerWarning, read_runs, write_runs
 
 ROWS = [
     {"name": "r1", "dense_params": 8.0e7, "density": 1.0, "unique_tokens": 1e9, "tokens": 1e9, "val_loss": 3.4,
@@ -68,3 +68,41 @@ def test_missing_csv_column_and_bad_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(LedgerError, match="no runs found"):
         read_runs(str(tmp_path / "empty.jsonl"))
+
+
+def test_duplicate_names_are_reported_and_counted_once(tmp_path):
+    r2 = {**ROWS[1], "active_params": None}  # dense x density: the convention, nothing else to report
+    rerun = {**ROWS[0], "val_loss": 3.3}  # r1 trained again: the later row replaces the earlier one
+    path = write_jsonl(tmp_path / "l.jsonl", [ROWS[0], r2, rerun])
+    with pytest.warns(LedgerWarning, match=r"1 run name\(s\) appear more than once \(r1 x2\): using the last row"):
+        runs = read_runs(path)
+    assert list(runs.name) == ["r2", "r1"] and runs.val_loss[1] == 3.3
+    with pytest.warns(LedgerWarning, match=r"\(r1 x2\): every row kept, as asked"):
+        every = read_runs(path, keep_duplicates=True)
+    assert list(every.name) == ["r1", "r2", "r1"]
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"active_params": 2e8}, r"run 2 \(r2\) active_params=2e\+08 > dense_params=1.45e\+08: expected active <= dense"),
+    ({"val_loss": float("nan")}, r"run 2 \(r2\) val_loss=nan: expected a finite number"),
+    ({"tokens": "inf"}, r"run 2 \(r2\) tokens='inf': expected a finite number"),
+])
+def test_impossible_rows_are_refused_naming_the_row(tmp_path, change, match):
+    for path in (write_jsonl(tmp_path / "l.jsonl", [ROWS[0], {**ROWS[1], **change}]),
+                 write_csv(tmp_path / "l.csv", [ROWS[0], {**ROWS[1], **change}])):
+        with pytest.raises(LedgerError, match=match.replace("=nan", "=(nan|'nan')")) as err:
+            read_runs(path)
+        assert "\n" not in str(err.value)
+
+
+def test_active_params_off_the_convention_are_reported(tmp_path):
+    with pytest.warns(LedgerWarning, match=r"1 run\(s\) have active_params != dense_params x density .* e.g. r2"):
+        read_runs(write_jsonl(tmp_path / "l.jsonl", ROWS))  # r2: 7.0e7 active vs 1.45e8 x 0.5
+
+
+@pytest.mark.parametrize("name", ["l.jsonl", "l.csv"])
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path, name):
+    (tmp_path / name).write_bytes(b"name,dense_params\n\xff\xfe caf\xe9\n")
+    with pytest.raises(LedgerError, match=r"not UTF-8 text \(byte 0xff at offset 18\)") as err:
+        read_runs(str(tmp_path / name))
+    assert "\n" not in str(err.value)

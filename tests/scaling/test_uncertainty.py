@@ -54,7 +54,7 @@ def test_resampling_keeps_every_stage_populated(train_runs):
 
 
 def test_cross_validation_error_is_near_the_noise(train_runs, noise):
-    cv = cross_validate(train_runs, "paper", "paper", k=3, seed=0)
+    cv = cross_validate(train_runs, "paper", "staged", k=3, seed=0)
     assert cv["k"] == 3 and len(cv["predictions"]) == len(train_runs)
     assert cv["mape"] < 2.5 * noise
     with pytest.raises(FitError, match="cv=1"):

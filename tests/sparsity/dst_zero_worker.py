@@ -17,8 +17,9 @@ import torch.distributed as dist
 from torch import nn
 
 from sparse_dc.model import ModelConfig, build_model
-from sparse_dc.sparsity import (DSTEngine, SparseLinear, SparsityConfig, fix_deepspeed_state_after_load,
+from sparse_dc.sparsity import (AdamDST, DSTEngine, SparseLinear, SparsityConfig, fix_deepspeed_state_after_load,
                                 optimizer_state)
+from sparse_dc.sparsity.adamdst import ELEMENT_STEP
 
 
 def mask_hash(engine: DSTEngine) -> list[int]:
@@ -26,22 +27,33 @@ def mask_hash(engine: DSTEngine) -> list[int]:
             for m in engine.layers.values()]
 
 
-def run_case(stage: int, block_size: int, method: str, ckpt_dir: str, regrow: str = "zero") -> dict:
+def run_case(stage: int, block_size: int, method: str, ckpt_dir: str, adamdst: bool = False,
+             regrow: str = "zero") -> dict:
+    """adamdst: the paper recipe's rules (AdamDST, regrowth among units dead after the drop); also records whether
+    every grown unit's per-weight step restarted at regrow_step while the others counted every step. regrow:
+    sparsity.regrow_init."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    extra = dict(regrow_optimizer="adamdst", grow_candidates="dead_after_drop") if adamdst else {}
     sparsity = SparsityConfig(density=0.5, block_size=block_size, method=method, update_frequency=2,
                               prune_rate=0.3, prune_rate_decay="constant", stop_fraction=1.0, seed=7,
-                              regrow_init=regrow)
+                              regrow_init=regrow, **extra)
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layers=1), sparsity, vocab_size=32)
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}},
                  "zero_optimization": {"stage": stage}}
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    optimizer = None
+    if adamdst:
+        optimizer = AdamDST(model.parameters(), lr=1e-2)
+        ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
+        del ds_config["optimizer"]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
+                                           config=ds_config)
     dst = DSTEngine(engine.module, sparsity, total_steps=6, state=optimizer_state(engine))
     rank = dist.get_rank()
     data = torch.randint(0, 32, (6, 2, 9), generator=torch.Generator().manual_seed(100 + rank))  # per-rank data
-    out: dict = {"hashes": [], "reset_zero": True, "pruned_zero": True, "changed": []}
+    out: dict = {"hashes": [], "reset_zero": True, "pruned_zero": True, "changed": [], "steps_ok": adamdst}
 
     def train(step: int) -> None:
         dst.begin_step(step)
@@ -50,7 +62,10 @@ def run_case(stage: int, block_size: int, method: str, ckpt_dir: str, regrow: st
         engine.backward(loss)
         engine.step()
 
+    counts: dict[str, torch.Tensor] = {}  # adamdst: the expected per-weight step counts of each sparse layer
     for step in range(1, 6):
+        for expected in counts.values():
+            expected += 1
         if stage == 2 and step == 3:  # the post-load bug: the accessor must work after load_checkpoint
             engine.save_checkpoint(ckpt_dir, tag="t")
             engine.load_checkpoint(ckpt_dir, tag="t")
@@ -77,6 +92,12 @@ def run_case(stage: int, block_size: int, method: str, ckpt_dir: str, regrow: st
                 grown_blocks = int((new & ~before[name]).sum())
                 out["reset_zero"] &= int(reset.sum()) >= grown_blocks > 0
             out["reset_zero"] &= all(int(t[reset].count_nonzero()) == 0 for t in [fp32] + moments)
+            if adamdst:  # B = 1: grown entries restart at regrow_step (5), every other entry counted each step
+                steps = safe_get_full_optimizer_state(p, ELEMENT_STEP).reshape(fp32.shape)
+                grown = new & (~before[name] | (fp32 == 0))  # newly live, or dropped and grown back (reset to 0)
+                expected = counts.setdefault(name, torch.full_like(steps, float(step)))
+                expected[grown] = 5.0
+                out["steps_ok"] &= bool(grown.any()) and torch.equal(steps, expected)
     # pruned entries stay exactly zero in the fp32 master and the model's copy after further steps (B = 1)
     if block_size == 1:
         for layer in dst.layers.values():
@@ -179,12 +200,13 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
     for stage in (1, 2, 3):
-        for block_size, method, regrow in ((1, "rigl", "zero"), (32, "rigl", "zero"), (32, "set", "zero"),
-                                           (1, "set", "normal"), (32, "set", "normal")):
-            key = f"zero{stage}-B{block_size}-{method}" + ("-normal" if regrow == "normal" else "")
+        for block_size, method, variant in ((1, "rigl", ""), (32, "rigl", ""), (32, "set", ""), (1, "set", "adamdst"),
+                                            (1, "set", "normal"), (32, "set", "normal")):
+            key = f"zero{stage}-B{block_size}-{method}" + (f"-{variant}" if variant else "")
             if len(sys.argv) > 2 and key not in sys.argv[2:]:
                 continue
-            results[key] = run_case(stage, block_size, method, os.path.join(result_dir, f"ckpt-{key}"), regrow)
+            results[key] = run_case(stage, block_size, method, os.path.join(result_dir, f"ckpt-{key}"),
+                                    adamdst=variant == "adamdst", regrow="normal" if variant == "normal" else "zero")
     if len(sys.argv) <= 2 or "rigl-exact" in sys.argv[2:]:
         results["rigl-exact"] = run_exact_case()
     with open(os.path.join(result_dir, f"rank{dist.get_rank()}.json"), "w") as fh:

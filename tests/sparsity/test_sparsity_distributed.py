@@ -1,7 +1,9 @@
 """DST under DeepSpeed ZeRO 1/2/3 on 2 CPU ranks (gloo): identical topology on every rank although each rank sees
-different data, regrown/dropped units' fp32 weights and Adam moments exactly zero after updates, pruned entries
-still zero after further steps, regrowth at normal values (non-zero, the same on both ranks, zero moments), the
-accessor working after load_checkpoint (the 0.19.8 post-load bug), and block RigL growing what the dense gradient summed over both ranks' micro-batches says. One torchrun launch serves all."""
+different data, regrown/dropped units' fp32 weights and Adam moments exactly zero after updates (AdamDST's
+per-weight step restarted for regrown ones), pruned entries still zero after further steps, regrowth at normal
+values (non-zero, the same on both ranks, zero moments), the accessor working after load_checkpoint (the 0.19.8
+post-load bug), and block RigL growing what the dense gradient summed over both ranks' micro-batches says. One
+torchrun launch serves all."""
 import json
 import os
 import socket
@@ -12,7 +14,7 @@ import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), "dst_zero_worker.py")
 ZERO_CASES = {f"zero{s}-{case}" for s in (1, 2, 3)
-              for case in ("B1-rigl", "B32-rigl", "B32-set", "B1-set-normal", "B32-set-normal")}
+              for case in ("B1-rigl", "B32-rigl", "B32-set", "B1-set-adamdst", "B1-set-normal", "B32-set-normal")}
 
 
 def _free_port() -> int:
@@ -47,6 +49,15 @@ def test_topology_identical_and_moments_reset_under_zero(ranks):
         assert r0["pruned_zero"] and r1["pruned_zero"], f"{key}: pruned weights moved"
         assert r0["live"] == r1["live"]
         assert r0.get("grown_values") == r1.get("grown_values")  # normal regrowth: the same values on both ranks
+
+
+@pytest.mark.slow
+def test_adamdst_restarts_the_per_weight_step_of_regrown_weights_under_zero(ranks):
+    """The paper recipe's optimizer state under ZeRO 1/2/3: regrown entries (just-dropped ones included) restart
+    their AdamDST step count at regrow_step, every other entry keeps counting, on both ranks."""
+    for stage in (1, 2, 3):
+        key = f"zero{stage}-B1-set-adamdst"
+        assert ranks[0][key]["steps_ok"] and ranks[1][key]["steps_ok"], key
 
 
 @pytest.mark.slow

@@ -69,8 +69,10 @@ def simulate_updates(masks, method: str, updates: int, seed: int) -> dict[str, t
             magnitude = torch.rand(old.shape, generator=gen)
             score = torch.rand(old.shape, generator=gen) if method == "set" else torch.randn(old.shape,
                                                                                               generator=gen).abs()
-            new = plan.decide(name, old, magnitude, score, round(0.3 * int(old.sum())))
-            plan.record(name, old, new)
+            new, grown = plan.decide(name, old, magnitude, score, round(0.3 * int(old.sum())),
+                                     regrow_dropped=method == "set")  # SET: the paper's dead_after_drop too
+            assert bool((grown <= new).all()) and bool((new & ~old <= grown).all())
+            plan.record(name, old, new, grown)
             masks[name] = new
     return masks
 
@@ -127,9 +129,9 @@ def test_updates_move_single_block_lines():
     gen = torch.Generator().manual_seed(0)
     replaced = {}
     for name, old in before.items():
-        new = plan.decide(name, old, torch.rand(old.shape, generator=gen), torch.rand(old.shape, generator=gen),
-                          round(0.3 * int(old.sum())))
-        plan.record(name, old, new)
+        new, grown = plan.decide(name, old, torch.rand(old.shape, generator=gen),
+                                 torch.rand(old.shape, generator=gen), round(0.3 * int(old.sum())))
+        plan.record(name, old, new, grown)
         lines = (old.any(1) & ~(old & new).any(1)) if sites[name][1] != "down" else (old.any(0) & ~(old & new).any(0))
         replaced[sites[name][1]] = lines
         assert int(new.sum()) == int(old.sum()) and not torch.equal(new, old), name
@@ -186,7 +188,8 @@ def test_dead_path_params_are_exactly_the_live_weights_without_gradient(block, h
     assert zero_params > 0
     stats = engine.stats()
     assert stats["dead_path_params"] == zero_params
-    assert stats["effective_active_params"] == 1000 - zero_params
+    live = sum(layer.active_numel for layer in engine.layers.values())  # active_params scaled by the live share
+    assert stats["effective_active_params"] == round(1000 * (live - zero_params) / live)
 
 
 def train_with_updates(model, sparsity, steps: int) -> DSTEngine:
@@ -202,14 +205,17 @@ def train_with_updates(model, sparsity, steps: int) -> DSTEngine:
     return engine
 
 
-@pytest.mark.parametrize("method", ["set", "rigl"])
+@pytest.mark.parametrize("method,candidates", [("set", "dead_before_drop"), ("rigl", "dead_before_drop"),
+                                              ("set", "dead_after_drop")])
 @pytest.mark.parametrize("block,hidden,heads,ffn,density", [(16, 64, 4, 128, 0.0625), (32, 96, 2, 192, 0.125)])
-def test_every_live_block_trains_after_updates(method, block, hidden, heads, ffn, density):
+def test_every_live_block_trains_after_updates(method, candidates, block, hidden, heads, ffn, density):
     """6 updates (prune rate 0.5), then one more training step: no live block has an all-zero gradient, where
-    the independent topology under the same schedule has some."""
+    the independent topology under the same schedule has some. dead_after_drop (just-dropped blocks may grow back,
+    restarting at zero) exercises the family lock with regrown blocks that were live before."""
     zero_blocks = {}
     for topology in ("path_aware", "independent"):
-        model, sparsity = small_model(block, density, method, topology, hidden=hidden, heads=heads, ffn=ffn)
+        model, sparsity = small_model(block, density, method, topology, hidden=hidden, heads=heads, ffn=ffn,
+                                      grow_candidates=candidates)
         engine = train_with_updates(model, sparsity, 13)  # updates at 2, 4, ..., 12; step 13 trains
         assert engine.last_update_step == 12 and engine.stats()["ever_active_fraction"] > engine.stats()["density"]
         zero_blocks[topology] = zero_grad_live_params(model)[1]

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from sparse_dc.train.config import ScheduleConfig
-from sparse_dc.train.dist import first_slurm_host, setup_env
+from sparse_dc.errors import SparseDCError
+from sparse_dc.train.dist import DistEnv, first_slurm_host, setup_env
 from sparse_dc.train.ledger import read_ledger
 from train_harness import Run, run_train, start_train, wait_for_step, write_config
 
@@ -54,9 +55,9 @@ def test_dead_gradient_paths_warn_and_reach_the_ledger(prepared_data, tmp_path):
     assert warnings[0].startswith("WARNING: step 0: ") and "effective_active_params=" in warnings[0]
     assert len(warnings) >= 2 and all(w.startswith("WARNING: step ") for w in warnings)
     (row,) = read_ledger(str(tmp_path / "ledger.jsonl"))
-    dead = run.final()["dst"]["dead_path_params"]
-    assert dead > 0.05 * row["active_params"]
-    assert row["effective_active_params"] == row["active_params"] - dead
+    final = run.final()["dst"]
+    assert row["dead_path_params"] == final["dead_path_params"] > 0
+    assert row["effective_active_params"] == final["effective_active_params"] < 0.95 * row["active_params"]
     assert row["block_topology"] == "independent" and row["regrow_init"] == "zero"
 
 
@@ -89,6 +90,25 @@ def test_rendezvous_env_for_each_launcher():
     single = {}
     assert setup_env(single).launcher == "single" and single["WORLD_SIZE"] == "1" and int(single["MASTER_PORT"]) > 0
     assert first_slurm_host("node1,node2") == "node1" and first_slurm_host("a[1-2]") == "a1"
+
+
+def test_rendezvous_env_under_mpi_launchers():
+    """mpirun (and `deepspeed --launcher openmpi`) export only their own rank variables; DeepSpeed's engine asserts
+    LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK. tests/cluster/test_multinode.py runs Open MPI for real."""
+    ompi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}  # mpirun in an allocation
+    assert setup_env(ompi) == DistEnv(1, 1, 2, "mpi")
+    assert (ompi["RANK"], ompi["LOCAL_RANK"], ompi["MASTER_ADDR"], ompi["MASTER_PORT"]) == ("1", "1", "127.0.0.1",
+                                                                                            "29500")
+    hydra = {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4", "MASTER_ADDR": "n1"}
+    assert setup_env(hydra) == DistEnv(5, 1, 8, "mpi") and hydra["MASTER_ADDR"] == "n1"
+    with pytest.raises(SparseDCError, match="OMPI_COMM_WORLD_SIZE=8 ranks over several nodes .*MASTER_ADDR"):
+        setup_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                   "OMPI_COMM_WORLD_LOCAL_SIZE": "4"})
+    # srun --mpi=pmi2 exports PMI_RANK/PMI_SIZE beside SLURM_*, but no local rank: SLURM_LOCALID gives it
+    pmi2 = {"PMI_RANK": "3", "PMI_SIZE": "8", "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3",
+            "SLURM_JOB_NODELIST": "gpu1"}
+    assert setup_env(pmi2) == DistEnv(3, 3, 8, "slurm")
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():

@@ -3,6 +3,7 @@ the generated DeepSpeed JSON."""
 import json
 import multiprocessing as mp
 
+import numpy as np
 import pytest
 
 from sparse_dc.config.base import ConfigError
@@ -58,3 +59,41 @@ def test_deepspeed_json_is_generated_from_the_config():
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
     with pytest.raises(ConfigError, match="micro_batch x world size = 2 x 3"):
         cfg.deepspeed_config(world_size=3)
+
+
+def test_ledger_n_is_the_n_the_paper_law_was_fitted_with(tmp_path):
+    """Ledger rows of the paper recipe's sizes read back (as `law fit --anchor paper` reads them) with N = the
+    paper's published count x S within 3% (its notebook's PARAMS_MAP; the LM head scaled by S too), so the
+    published coefficients predict on equal terms; the physical live count, which keeps the head dense, is far
+    off for sparse runs and would shift the paper law's loss by up to ~0.3 nats."""
+    from types import SimpleNamespace
+
+    from sparse_dc.config.run import RunConfig
+    from sparse_dc.launch.presets import paper_recipe
+    from sparse_dc.model import param_counts
+    from sparse_dc.scaling.forms import find_preset
+    from sparse_dc.scaling.ledger import read_runs
+    from sparse_dc.train.ledger import make_row
+
+    paper_n = {"60m": 8.0e7, "120m": 1.45e8, "480m": 5.21e8}
+    path = str(tmp_path / "ledger.jsonl")
+    for size in paper_n:
+        for density in (1.0, 0.25, 0.0625):
+            cfg = RunConfig.from_dict(paper_recipe(size, density))
+            plan = SimpleNamespace(unique_tokens=2_600_000_000, total_tokens=10_400_000_000, seq_len=256,
+                                   packing="document", unique_real_tokens=0, total_real_tokens=0, val_tokens=0,
+                                   val_source="heldout", val_from="C4 validation")
+            row = make_row(cfg, param_counts(cfg.model, cfg.sparsity, 32000), plan, val_loss=3.0, tokens_per_s=1.0,
+                           wall_time_s=1.0, steps=1, world_size=1)
+            assert row["block_size"] == (1 if density < 1 else None)
+            append_row(path, row)
+    runs = read_runs(path)
+    form, coefficients = find_preset("paper")
+    published = np.array([paper_n[name.split("-")[1]] * s for name, s in zip(runs.name, runs.density)])
+    assert np.all(np.abs(runs.active_params / published - 1) < 0.03)
+    ours = form.predict(coefficients, runs)
+    theirs = form.predict(coefficients, SimpleNamespace(**{**vars(runs), "active_params": published}))
+    assert np.max(np.abs(ours - theirs)) < 0.02
+    physical = np.array([r["active_params_physical"] for r in read_ledger(path)], dtype=float)
+    shifted = form.predict(coefficients, SimpleNamespace(**{**vars(runs), "active_params": physical}))
+    assert np.max(physical / published) > 2 and np.max(np.abs(shifted - theirs)) > 0.1
