@@ -12,7 +12,8 @@ live path only when every partner line it needs is open:
                          and an open value feature in i's head     closed outputs 0, so dL/dscores = 0)
 
 A live unit whose feature is not on a live path gets exactly zero gradient on every batch. Counting them is
-`dead_path_params`; `effective active params` = active params - dead-path params.
+`dead_path_params`; the DST stats' `effective_active_params` is active_params over the live sparse weights that
+are on a live path only.
 
 Path-aware topology (sparsity.block_topology=path_aware, B > 1). The unit of a line is a block row/column, B
 features. Lines are coupled in families (SwiGLU: gate/up rows + down columns; value: v rows + o columns; score:
@@ -140,15 +141,15 @@ def model_projections(model: nn.Module) -> dict[int, dict[str, Projection]]:
     return blocks
 
 
-def dead_path_warning(stats: dict) -> str | None:
-    """One line when the DST stats' effective active params are below DEAD_PATH_WARNING of the active ones."""
-    effective, dead = stats.get("effective_active_params"), stats.get("dead_path_params", 0)
-    if effective is None or dead <= (1 - DEAD_PATH_WARNING) * (effective + dead):
+def dead_path_warning(stats: dict, active_params: int) -> str | None:
+    """One line when the DST stats' effective active params are below DEAD_PATH_WARNING of `active_params`."""
+    effective = stats.get("effective_active_params")
+    if effective is None or effective >= DEAD_PATH_WARNING * active_params:
         return None
-    active = effective + dead
-    return (f"WARNING: step {stats['step']}: {dead:,} of {active:,} active params ({dead / active:.1%}) are live "
-            f"weights on a dead gradient path (effective_active_params={effective:,}); they never train. "
-            "sparsity.block_topology=path_aware keeps block topologies on live paths")
+    return (f"WARNING: step {stats['step']}: effective_active_params={effective:,} is "
+            f"{effective / active_params:.1%} of active_params={active_params:,}: {stats['dead_path_params']:,} "
+            "live weights lie on a dead gradient path and never train (sparsity.block_topology=path_aware keeps "
+            "block topologies on live paths)")
 
 
 # --- initial topology --------------------------------------------------------------------------------------

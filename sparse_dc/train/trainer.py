@@ -246,7 +246,7 @@ class Trainer:
 
     def warn_dead_paths(self, stats: dict[str, Any]) -> None:
         """One line when fewer than 95% of the active parameters lie on a live gradient path."""
-        warning = dead_path_warning(stats)
+        warning = dead_path_warning(stats, self.counts.law_active)
         if warning is not None:
             self.metrics.message(warning)
 

@@ -271,10 +271,11 @@ def test_normal_regrowth_values(block):
 
 
 def test_dead_path_warning():
-    assert dead_path_warning({"step": 0, "dead_path_params": 4, "effective_active_params": 96}) is None
-    line = dead_path_warning({"step": 5, "dead_path_params": 6, "effective_active_params": 94})
-    assert line.startswith("WARNING: step 5: 6 of 100 active params (6.0%)") and "\n" not in line
-    assert dead_path_warning({"step": 5, "dead_path_params": 6}) is None  # no active count known
+    assert dead_path_warning({"step": 0, "dead_path_params": 4, "effective_active_params": 95}, 100) is None
+    line = dead_path_warning({"step": 5, "dead_path_params": 6, "effective_active_params": 94}, 100)
+    assert line.startswith("WARNING: step 5: effective_active_params=94 is 94.0% of active_params=100: 6 live")
+    assert "\n" not in line
+    assert dead_path_warning({"step": 5, "dead_path_params": 6}, 100) is None  # no active count known
 
 
 def test_config_fields_are_validated():
