@@ -1,7 +1,8 @@
 """`sparse-dc <command> ...`: one console script, one module per command, imported only when used.
 
-Each command module exposes `main(argv: list[str]) -> int` with its own argparse parser, so `sparse-dc law ...`
-never pays for importing torch or DeepSpeed.
+Each command is a function `main(argv: list[str]) -> int` with its own argparse parser ("module" names the
+module's `main`, "module:function" another function), imported only when used and parsing its arguments before
+importing torch or DeepSpeed, so `sparse-dc law ...` or any `--help` answers at once.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("sparse_dc.data.cli", "prepare Arrow token shards; inspect a token-budget plan"),
     "model": ("sparse_dc.model.cli", "exact parameter counts and FLOPs per token of the model presets"),
     "train": ("sparse_dc.train.cli", "train a sparse Llama with DeepSpeed ZeRO"),
-    "export": ("sparse_dc.train.export", "consolidate a ZeRO checkpoint into a Hugging Face Llama folder"),
+    "export": ("sparse_dc.train.checkpoint_cli:export_main",
+               "consolidate a ZeRO checkpoint into a Hugging Face Llama folder"),
     "eval": ("sparse_dc.eval.cli", "downstream scores with lm-evaluation-harness, joined to the run's ledger row"),
-    "reshard": ("sparse_dc.train.reshard", "convert a ZeRO checkpoint ahead of a resume on another world size"),
+    "reshard": ("sparse_dc.train.checkpoint_cli:reshard_main",
+                "convert a ZeRO checkpoint ahead of a resume on another world size"),
     "law": ("sparse_dc.scaling.cli", "fit, predict and plan with the sparse data-constrained scaling law"),
     "sweep": ("sparse_dc.launch.cli", "run a grid of training runs (local torchrun or SLURM) into one ledger"),
     "quickstart": ("sparse_dc.launch.quickstart", "the whole pipeline on the built-in corpus, on CPU, in minutes"),
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparse-dc: error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
-    module_name, _ = COMMANDS[argv[0]]
+    module_name, _, function = COMMANDS[argv[0]][0].partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     try:
-        return int(module.main(argv[1:]) or 0)
+        return int(getattr(module, function or "main")(argv[1:]) or 0)
     except SparseDCError as exc:
         print(f"sparse-dc {argv[0]}: error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,11 @@ def test_yaml_then_overrides(tmp_path):
         (["data.epochs=null", "data.total_tokens=1000"], "data.total_tokens=1000: expected a positive multiple"),
         (["nosuch.x=1"], "nosuch: unknown config section"),
         (["data.seq_len"], "expected dotted key=value"),
+        (["train.global_batch=1e400"], "train.global_batch=inf: expected an integer"),
+        (["data.seq_len=2048"], "data.seq_len=2048: expected at most model.max_seq_len + 1 = 1025"),
+        (["sparsity.density=0.01", "sparsity.block_size=32"],
+         "sparsity.density=0.01: not achievable with 32x32 blocks at hidden size 64 (each of the 14 sparse "
+         "projections keeps at least one block), which would train at density 0.175"),
     ],
 )
 def test_errors_name_field_value_and_rule(override, message):
@@ -47,6 +52,21 @@ def test_bad_yaml_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(RunConfig, str(tmp_path / "bad.yaml"))
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml' is not UTF-8 text \(byte 9\)"):
+        load_config(RunConfig, str(tmp_path / "latin1.yaml"))
+    (tmp_path / "inf.yaml").write_text("train:\n  optimizer: {lr: .inf}\n")
+    with pytest.raises(ConfigError, match="train.optimizer.lr=inf: expected a finite number"):
+        load_config(RunConfig, str(tmp_path / "inf.yaml"))
+
+
+def test_density_within_tolerance_is_accepted_and_reported():
+    from sparse_dc.model.build import achieved_density
+
+    cfg = load_config(RunConfig, None, ["model.preset=20m", "sparsity.density=0.01", "sparsity.block_size=32"])
+    assert achieved_density(cfg.model, cfg.sparsity) == pytest.approx(0.01, rel=0.02)  # 0.00989: rounding only
+    cfg = load_config(RunConfig, None, ["sparsity.density=0.5", "sparsity.block_size=32"])
+    assert achieved_density(cfg.model, cfg.sparsity) == 0.5
 
 
 def test_quantities():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import types
@@ -125,7 +126,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     if hint is int:
         if isinstance(value, str):
             value = parse_quantity(value, path)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or float(value) != int(value):
             raise ConfigError(f"{path}={value!r}: expected an integer")
         return int(value)
     if hint is float:
@@ -133,6 +135,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             value = parse_quantity(value, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}={value!r}: expected a number")
+        if not math.isfinite(value):  # YAML's .inf/.nan, or a literal beyond float range such as 1e400
+            raise ConfigError(f"{path}={value!r}: expected a finite number")
         return float(value)
     if hint is str:
         if isinstance(value, (dict, list)):
@@ -217,6 +221,9 @@ def load_yaml_mapping(path: str | None) -> dict[str, Any]:
             data = yaml.safe_load(fh)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {exc.start}): expected a UTF-8 YAML file"
+                          ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

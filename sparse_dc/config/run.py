@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sparse_dc.config.base import Config
+from sparse_dc.config.base import Config, ConfigError
 from sparse_dc.data.config import DataConfig
 from sparse_dc.model.config import ModelConfig
-from sparse_dc.sparsity.config import SparsityConfig, check_block_divides
+from sparse_dc.sparsity.config import SparsityConfig
 from sparse_dc.train.config import TrainConfig
 
 
@@ -33,5 +33,12 @@ class RunConfig(Config):
     def validate(self, path: str = "") -> None:
         self.check(bool(self.name) and "/" not in self.name, path, "name", "a non-empty name without '/'")
         super().validate(path)
+        from sparse_dc.model.build import check_achievable_density, model_shape
+
         if self.sparsity.sparse:
-            check_block_divides(self.sparsity.block_size, self.model.shape().hidden_size)
+            model_shape(self.model, self.sparsity)  # the block size divides the width
+            check_achievable_density(self.model, self.sparsity)
+        # the model reads seq_len - 1 input positions of each sequence (the last token is only a target)
+        if self.data.seq_len - 1 > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len}: expected at most model.max_seq_len + 1 = "
+                              f"{self.model.max_seq_len + 1} (raise model.max_seq_len to train longer sequences)")

@@ -94,6 +94,12 @@ def _prepare(args: argparse.Namespace) -> int:
     print(f"wrote {cfg.out}: {manifest['total_documents']} documents, {manifest['total_tokens']} tokens in "
           f"{len(manifest['shards'])} shard(s), {manifest['dtype']}, vocab {manifest['tokenizer']['vocab_size']} "
           f"({manifest['seconds']} s)")
+    if manifest.get("skipped_rows"):  # rows of file inputs without text (a stream reports its own)
+        from collections import Counter
+
+        from sparse_dc.data.prepare import describe_skipped
+
+        print(f"skipped {describe_skipped(Counter(manifest['skipped_rows']))} (no text to tokenize)")
     if "validation" in manifest:
         held_out = manifest["validation"]
         print(f"held-out validation set: {held_out['tokens']} tokens, {held_out['documents']} documents from "

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -113,10 +114,22 @@ class PrepareConfig(Config):
         super().validate(path)
 
 
-def _documents(cfg: PrepareConfig, files: list[str], builtin: list[str]) -> Iterator[str]:
+def _documents(cfg: PrepareConfig, files: list[str], builtin: list[str],
+               skipped: Counter | None = None) -> Iterator[str]:
     yield from builtin
     for path in files:
-        yield from iter_documents(path, cfg.text_field, cfg.doc_boundary, cfg.split)
+        yield from iter_documents(path, cfg.text_field, cfg.doc_boundary, cfg.split, skipped)
+
+
+def _no_documents(cfg: PrepareConfig, skipped: Counter) -> None:
+    why = f" (skipped {describe_skipped(skipped)})" if skipped else ""
+    raise DataError(f"inputs {cfg.inputs or ['<builtin>']} contain no non-empty documents{why}")
+
+
+def describe_skipped(skipped: Counter) -> str:
+    """'200 rows: 100 'text' is int, not a string; 100 'text' is blank' (most frequent reason first)."""
+    reasons = "; ".join(f"{n} {why}" for why, n in skipped.most_common())
+    return f"{sum(skipped.values())} rows: {reasons}"
 
 
 def prepare(cfg: PrepareConfig) -> dict:
@@ -138,10 +151,13 @@ def prepare(cfg: PrepareConfig) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     started = time.time()
+    skipped: Counter = Counter()
     try:
         if cfg.tokenizer:
             proto = load_tokenizer_bytes(cfg.tokenizer)
         else:
+            if next(_documents(cfg, files, builtin, skipped), None) is None:  # sentencepiece's own error is cryptic
+                _no_documents(cfg, skipped)
             log.info("training a %s tokenizer (vocab %d) on the inputs", cfg.model_type, cfg.vocab_size)
             documents = _documents(cfg, files, builtin)
             proto = train_tokenizer(documents, cfg.vocab_size, cfg.model_type, cfg.workers, cfg.seed)
@@ -151,9 +167,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         with open(os.path.join(tmp, fmt.TOKENIZER_FILE), "wb") as fh:
             fh.write(proto)
         scratch = os.path.join(tmp, "scratch.arrow")
-        n_docs = _tokenize_to_scratch(_documents(cfg, files, builtin), processor, dtype, scratch, cfg.workers)
-        if n_docs == 0:
-            raise DataError(f"inputs {cfg.inputs or ['<builtin>']} contain no non-empty documents")
+        skipped.clear()
+        if not _tokenize_to_scratch(_documents(cfg, files, builtin, skipped), processor, dtype, scratch,
+                                    cfg.workers):
+            _no_documents(cfg, skipped)
+        if skipped:
+            log.warning("skipped %s", describe_skipped(skipped))
         shard_entries = _write_shards(scratch, tmp, dtype, cfg.shard_tokens, cfg.seed)
         os.remove(scratch)
         manifest = {
@@ -165,6 +184,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             "total_documents": sum(s["documents"] for s in shard_entries),
             "shards": shard_entries,
             "sources": ["<builtin: python stdlib docstrings + language reference>"] if cfg.builtin else files,
+            "skipped_rows": dict(skipped),  # rows of the inputs that held no usable text, by reason
         }
         if held_out is not None:
             manifest["validation"] = held_out.write(tmp, processor, dtype, cfg.shard_tokens, cfg.val_tokens,

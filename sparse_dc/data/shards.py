@@ -63,9 +63,48 @@ def read_manifest(directory: str) -> dict:
             manifest = json.load(fh)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: corrupt manifest ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: corrupt manifest (not UTF-8 text, byte {exc.start})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: corrupt manifest (a JSON {_json_kind(manifest)}): expected an object")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    _check_fields(path, "", manifest, _MANIFEST_FIELDS)
+    _check_fields(path, "tokenizer.", manifest["tokenizer"], _TOKENIZER_FIELDS)
+    for i, shard in enumerate(manifest["shards"]):
+        _check_fields(path, f"shards[{i}].", shard, _SHARD_FIELDS)
+    if manifest["dtype"] not in DTYPES:
+        raise DataError(f"{path}: dtype={manifest['dtype']!r}, expected one of {', '.join(DTYPES)}")
     return manifest
+
+
+# The manifest fields readers rely on, and their JSON types ("count": an integer >= 0)
+_MANIFEST_FIELDS = {"tokenizer": dict, "dtype": str, "total_tokens": "count", "total_documents": "count",
+                    "shards": list}
+_TOKENIZER_FIELDS = {"file": str, "sha256": str, "vocab_size": "count", "eos_id": "count"}
+_SHARD_FIELDS = {"file": str, "bytes": "count", "sha256": str, "tokens": "count", "documents": "count"}
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _check_fields(path: str, prefix: str, record: object, fields: dict) -> None:
+    """DataError naming the first field of `record` that is missing or of the wrong type."""
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: corrupt manifest ({prefix.rstrip('.')} is a JSON {_json_kind(record)}): expected "
+                        "an object")
+    for name, kind in fields.items():
+        if name not in record:
+            raise DataError(f"{path}: corrupt manifest (no {prefix}{name}): expected a manifest written by "
+                            "`sparse-dc data prepare`")
+        value = record[name]
+        ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) if kind == "count" \
+            else isinstance(value, kind)
+        if not ok:
+            expected = "an integer >= 0" if kind == "count" else f"a JSON {_json_kind(kind())}"
+            raise DataError(f"{path}: corrupt manifest ({prefix}{name}={value!r}): expected {expected}")
 
 
 @dataclass

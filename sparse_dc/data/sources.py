@@ -1,9 +1,10 @@
 """Read documents from the inputs of `sparse-dc data prepare`: text, JSONL, parquet, or a saved HF dataset."""
 from __future__ import annotations
 
-import json
 import os
+from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 from sparse_dc.errors import SparseDCError
 
@@ -51,20 +52,32 @@ def expand_inputs(paths: list[str]) -> list[str]:
 
 
 def iter_documents(path: str, text_field: str = "text", doc_boundary: str = "file",
-                   split: str = "train") -> Iterator[str]:
+                   split: str = "train", skipped: Counter | None = None) -> Iterator[str]:
     """Yield the non-empty documents of one input.
 
     Text files hold one document per file (`doc_boundary="file"`), per blank-line-separated block ("blankline")
-    or per line ("line"). JSONL and parquet rows and HF dataset rows give one document per row from `text_field`.
+    or per line ("line"). JSONL and parquet rows and HF dataset rows give one document per row from `text_field`;
+    rows whose field is not a string, or is blank, are counted in `skipped` (keyed by why) instead of yielded.
     """
     if os.path.isdir(path):
-        yield from _hf_documents(path, text_field, split)
+        yield from _hf_documents(path, text_field, split, skipped)
     elif path.endswith(JSONL_SUFFIXES):
-        yield from _jsonl_documents(path, text_field)
+        yield from _jsonl_documents(path, text_field, skipped)
     elif path.endswith(PARQUET_SUFFIXES):
-        yield from _parquet_documents(path, text_field)
+        yield from _parquet_documents(path, text_field, skipped)
     else:
         yield from _text_documents(path, doc_boundary)
+
+
+def _row_text(value: Any, text_field: str, skipped: Counter | None) -> str | None:
+    """The document in one row's text field, or None (counted in `skipped`) when it is not a non-blank string."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if skipped is not None:
+        kind = "null" if value is None else type(value).__name__
+        why = "blank" if isinstance(value, str) else f"{kind}, not a string"
+        skipped[f"{text_field!r} is {why}"] += 1
+    return None
 
 
 def _text_documents(path: str, doc_boundary: str) -> Iterator[str]:
@@ -84,23 +97,19 @@ def _text_documents(path: str, doc_boundary: str) -> Iterator[str]:
             yield part.strip()
 
 
-def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise DataError(f"{path}:{lineno}: expected an object with a {text_field!r} field "
-                                "(choose it with --text-field)")
-            if isinstance(row[text_field], str) and row[text_field].strip():
-                yield row[text_field]
+def _jsonl_documents(path: str, text_field: str, skipped: Counter | None = None) -> Iterator[str]:
+    from sparse_dc.jsonl import json_objects
+
+    for lineno, row in json_objects(path, DataError):
+        if text_field not in row:
+            raise DataError(f"{path}:{lineno}: expected an object with a {text_field!r} field "
+                            "(choose it with --text-field)")
+        text = _row_text(row[text_field], text_field, skipped)
+        if text is not None:
+            yield text
 
 
-def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+def _parquet_documents(path: str, text_field: str, skipped: Counter | None = None) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
@@ -111,12 +120,13 @@ def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
         raise DataError(f"input {path!r}: no column {text_field!r}; columns are {parquet.schema_arrow.names} "
                         "(choose one with --text-field)")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            if isinstance(text, str) and text.strip():
+        for value in batch.column(0).to_pylist():
+            text = _row_text(value, text_field, skipped)
+            if text is not None:
                 yield text
 
 
-def _hf_documents(path: str, text_field: str, split: str) -> Iterator[str]:
+def _hf_documents(path: str, text_field: str, split: str, skipped: Counter | None = None) -> Iterator[str]:
     import datasets
 
     loaded = datasets.load_from_disk(path)
@@ -128,6 +138,7 @@ def _hf_documents(path: str, text_field: str, split: str) -> Iterator[str]:
         raise DataError(f"HF dataset {path!r}: no column {text_field!r}; columns are {loaded.column_names} "
                         "(choose one with --text-field)")
     for text in loaded.select_columns([text_field]).iter(batch_size=4096):
-        for item in text[text_field]:
-            if isinstance(item, str) and item.strip():
+        for value in text[text_field]:
+            item = _row_text(value, text_field, skipped)
+            if item is not None:
                 yield item

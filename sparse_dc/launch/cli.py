@@ -9,7 +9,15 @@ import argparse
 import logging
 
 from sparse_dc.config.base import load_yaml_mapping
-from sparse_dc.launch.sweep import SweepError, expand, parse_grid_args, run_sweep, summarize, sweep_ledger
+from sparse_dc.launch.sweep import (
+    SweepError,
+    expand,
+    parse_grid_args,
+    run_sweep,
+    summarize,
+    sweep_ledger,
+    unfinished,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +51,8 @@ def main(argv: list[str]) -> int:
     status = run_sweep(runs, args.config, ledger, log_dir, args.launcher,
                        args.nproc, args.sbatch_args, args.dry_run)
     print(f"sweep: {len(runs)} runs: {summarize(status)}; ledger {ledger}")
-    failed = [n for n, s in status.items() if s == "failed"]
-    if failed:
-        raise SweepError(f"{len(failed)} run(s) failed: {failed}")
+    left = unfinished(status)
+    if left:
+        raise SweepError(f"{len(left)} run(s) did not finish: {', '.join(f'{n} ({status[n]})' for n in left)}; "
+                         f"see {log_dir}; re-run the sweep to continue them")
     return 0

@@ -4,7 +4,11 @@
 
 Every run is `sparse-dc train --config BASE --resume auto name=<derived> key=value ...` and appends one row to the
 shared ledger when it finishes, so `sparse-dc law fit LEDGER` reads a sweep directly. Runs already in the ledger
-are skipped, and an interrupted run resumes from its newest checkpoint: re-running a sweep finishes it.
+are skipped, and an interrupted run resumes from its newest checkpoint: re-running a sweep finishes it. A local
+run counts as done only once its row is in the ledger; how it ended otherwise comes from the status file the
+run writes (sparse_dc/train/runguard.py), since torchrun replaces a run's exit status by its own: "stopped"
+(a signal; resumable), "busy" (another process, e.g. a second sweep over the same folder, is training it) or
+"failed" (its one-line error is logged).
 With SLURM, submitted job ids are kept in `log_dir/slurm_jobs.json`; a re-run skips runs whose job is still pending
 or running (asked of `squeue` in one call) and resubmits only those whose job ended without a ledger row, so
 running a sweep twice before its jobs finish does not train anything twice. The folder of the script's job log
@@ -28,6 +32,7 @@ from sparse_dc.config.base import load_config, parse_scalar, write_text_atomic
 from sparse_dc.config.run import RunConfig
 from sparse_dc.errors import SparseDCError
 from sparse_dc.train.ledger import read_ledger
+from sparse_dc.train.runguard import STATUS_ENV, read_status
 
 log = logging.getLogger(__name__)
 SLURM_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "launch", "slurm", "train.sbatch")
@@ -107,6 +112,15 @@ def _text(value: Any) -> str:
 
 def finished(ledger: str) -> set[str]:
     return {row.get("name") for row in read_ledger(ledger)} if os.path.exists(ledger) else set()
+
+
+# statuses of runs that did not finish in this sweep; a sweep or reproduction reporting one of them exits non-zero
+UNFINISHED = ("failed", "stopped", "busy")
+
+
+def unfinished(status: dict[str, str]) -> list[str]:
+    """Names of the runs of a run_sweep result that did not end with their ledger row."""
+    return [name for name, s in status.items() if s in UNFINISHED]
 
 
 def local_command(run: Run, base_config: str, nproc: int) -> list[str]:
@@ -196,7 +210,8 @@ def run_sweep(runs: list[Run], base_config: str, ledger: str, log_dir: str,
               launcher: Literal["local", "slurm"] = "local", nproc: int = 1, sbatch_args: list[str] | None = None,
               dry_run: bool = False, env: dict[str, str] | None = None) -> dict[str, str]:
     """Run (or submit) every run not yet in the ledger (nor queued in SLURM); returns {name: status}, status one
-    of 'done', 'failed' (local), 'submitted', 'queued' (slurm), 'skipped' (in the ledger), 'planned' (dry run).
+    of 'done' (its row is in the ledger), 'failed', 'stopped', 'busy' (local), 'submitted', 'queued' (slurm),
+    'skipped' (in the ledger already), 'planned' (dry run).
 
     Local runs go one after another; each one's output is written to `log_dir/<name>.log`."""
     done, status = finished(ledger), {}
@@ -229,7 +244,7 @@ def run_sweep(runs: list[Run], base_config: str, ledger: str, log_dir: str,
             # saved after every submission, so an sbatch failure later in the loop loses no job id
             write_text_atomic(_jobs_file(log_dir), json.dumps(jobs, indent=1, sort_keys=True) + "\n")
         else:
-            status[run.name] = _execute(run, cmd, log_dir, env)
+            status[run.name] = _execute(run, cmd, log_dir, ledger, env)
     return status
 
 
@@ -252,17 +267,34 @@ def _submit(run: Run, cmd: list[str], env: dict[str, str] | None) -> str:
     return job_id
 
 
-def _execute(run: Run, cmd: list[str], log_dir: str, env: dict[str, str] | None) -> str:
+def _execute(run: Run, cmd: list[str], log_dir: str, ledger: str, env: dict[str, str] | None) -> str:
     started = time.time()
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{run.name}.log")
+    status_path = os.path.join(log_dir, f"{run.name}.{os.getpid()}.status.json")  # this sweep's attempt only
     with open(log_path, "a") as sink:
-        result = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    if result.returncode:
-        log.error("  %s failed (exit %d): see %s", run.name, result.returncode, log_path)
-        return "failed"
-    log.info("  %s finished in %.0f s (log: %s)", run.name, time.time() - started, log_path)
-    return "done"
+        result = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT,
+                                env={**(os.environ if env is None else env), STATUS_ENV: status_path})
+    outcome = read_status(status_path) or {}
+    if os.path.exists(status_path):
+        os.remove(status_path)
+    if run.name in finished(ledger):
+        log.info("  %s finished in %.0f s (log: %s)", run.name, time.time() - started, log_path)
+        return "done"
+    state, message = outcome.get("state"), outcome.get("message")
+    if state == "stopped":
+        log.warning("  %s stopped by a signal after saving step %s: resumable, re-run the sweep to continue (log: "
+                    "%s)", run.name, outcome.get("step"), log_path)
+        return "stopped"
+    if state == "busy":
+        log.warning("  %s: %s", run.name, message)
+        return "busy"
+    if state in ("finished", "paused"):
+        message = (f"it ended ({state}) without a row in the ledger {ledger}" if state == "finished" else
+                   f"it paused at train.stop_at_step (step {outcome.get('step')}) before the end of its budget")
+    log.error("  %s failed (exit %d): %s (log: %s)", run.name, result.returncode,
+              message or "it ended without a status (killed?)", log_path)
+    return "failed"
 
 
 def sweep_ledger(runs: list[Run]) -> str:

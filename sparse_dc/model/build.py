@@ -1,13 +1,25 @@
-"""Build a (sparse) Llama from the model and sparsity configs, and count its parameters without building it."""
+"""Build a (sparse) Llama from the model and sparsity configs, and count its parameters without building it.
+
+Only `build_model` needs torch (imported there): shapes, counts and the density check serve config validation and
+`sparse-dc model`, which must stay fast.
+"""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from sparse_dc.config.base import ConfigError
 from sparse_dc.errors import SparseDCError
-from sparse_dc.model.config import ModelConfig, ModelShape
-from sparse_dc.model.llama import Llama, dense_linear, projection_shapes
+from sparse_dc.model.config import ModelConfig, ModelShape, projection_shapes
 from sparse_dc.model.params import ParamCounts, tally
 from sparse_dc.sparsity.config import SparsityConfig, check_block_divides
 from sparse_dc.sparsity.distribution import LayerSpec, allocate
-from sparse_dc.sparsity.paths import initial_masks
+
+if TYPE_CHECKING:
+    from sparse_dc.model.llama import Llama
+
+# A run whose live fraction differs from sparsity.density by more than this (relative) is refused: the ledger's
+# density and the law's S would describe a model that was not trained.
+DENSITY_TOLERANCE = 0.05
 
 
 def resolve_vocab(model_cfg: ModelConfig, vocab_size: int | None) -> int:
@@ -40,11 +52,35 @@ def sparse_layers(shape: ModelShape, sparsity_cfg: SparsityConfig) -> list[Layer
             if kind in sparsity_cfg.targets]
 
 
+def achieved_density(model_cfg: ModelConfig, sparsity_cfg: SparsityConfig) -> float:
+    """The live fraction of the sparse projections a build trains: `sparsity.density` up to rounding to whole
+    units, except where every projection keeping at least one unit (B x B block) forces more."""
+    specs = sparse_layers(model_shape(model_cfg, sparsity_cfg), sparsity_cfg)
+    if not specs:
+        return 1.0
+    return sum(allocate(specs, sparsity_cfg).values()) / sum(s.units(sparsity_cfg.block_size) for s in specs)
+
+
+def check_achievable_density(model_cfg: ModelConfig, sparsity_cfg: SparsityConfig) -> None:
+    """ConfigError unless the build trains within DENSITY_TOLERANCE of the requested density."""
+    achieved, wanted = achieved_density(model_cfg, sparsity_cfg), sparsity_cfg.density
+    if abs(achieved / wanted - 1) > DENSITY_TOLERANCE:
+        b, shape = sparsity_cfg.block_size, model_shape(model_cfg, sparsity_cfg)
+        n = len(sparse_layers(shape, sparsity_cfg))
+        raise ConfigError(
+            f"sparsity.density={wanted}: not achievable with {b}x{b} blocks at hidden size {shape.hidden_size} "
+            f"(each of the {n} sparse projections keeps at least one block), which would train at density "
+            f"{achieved:.4g}; expected a density within {DENSITY_TOLERANCE:.0%} of the trained one (lower "
+            f"sparsity.block_size, a wider model, or sparsity.density={achieved:.4g})")
+
+
 def build_model(model_cfg: ModelConfig, sparsity_cfg: SparsityConfig, vocab_size: int | None = None) -> Llama:
     """A Llama whose targeted projections are SparseLinear with the configured initial topology (seeded by
     sparsity.seed, identical on every rank; sparse_dc.sparsity.paths draws it). Dense weights draw from torch's
     global RNG: seed it first."""
+    from sparse_dc.model.llama import Llama, dense_linear
     from sparse_dc.sparsity.layer import SparseLinear  # imports the kernels only when a model is built
+    from sparse_dc.sparsity.paths import initial_masks
 
     shape = model_shape(model_cfg, sparsity_cfg)
     specs = sparse_layers(shape, sparsity_cfg)

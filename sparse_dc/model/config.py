@@ -9,6 +9,7 @@ The vocabulary normally comes from the data's tokenizer at build time (`vocab_si
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +24,22 @@ class ModelShape:
     intermediate_size: int
     n_heads: int
     n_layers: int
+
+
+# (kind, in_features, out_features) of a block's projections as functions of the shape; the kinds are the names
+# SparsityConfig.targets accepts.
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
+
+
+def projection_shapes(shape: ModelShape) -> Iterator[tuple[str, str, int, int]]:
+    """Yield (module name, kind, in_features, out_features) for every block projection, in model order."""
+    d, f = shape.hidden_size, shape.intermediate_size
+    dims = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+    for layer in range(shape.n_layers):
+        for kind in PROJECTIONS:
+            group = "attn" if kind in ATTENTION_PROJECTIONS else "mlp"
+            yield f"layers.{layer}.{group}.{kind}", kind, *dims[kind]
 
 
 # The paper's Llama sizes (name -> shape); names are its nominal parameter counts.

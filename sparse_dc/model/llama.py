@@ -7,7 +7,7 @@ sparsity. Projections have no bias (Llama).
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,22 +15,7 @@ from torch import nn
 
 from sparse_dc.model.config import ModelConfig, ModelShape
 
-# (kind, in_features, out_features) of a block's projections as functions of the shape; the kinds are the names
-# SparsityConfig.targets accepts.
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
-
 LinearFactory = Callable[[str, int, int, float], nn.Module]
-
-
-def projection_shapes(shape: ModelShape) -> Iterator[tuple[str, str, int, int]]:
-    """Yield (module name, kind, in_features, out_features) for every block projection, in model order."""
-    d, f = shape.hidden_size, shape.intermediate_size
-    dims = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
-    for layer in range(shape.n_layers):
-        for kind in PROJECTIONS:
-            group = "attn" if kind in ATTENTION_PROJECTIONS else "mlp"
-            yield f"layers.{layer}.{group}.{kind}", kind, *dims[kind]
 
 
 def dense_linear(name: str, in_features: int, out_features: int, std: float) -> nn.Module:

@@ -21,10 +21,12 @@ A module takes part as a sparse layer by exposing `dense_numel` and `active_nume
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from sparse_dc.model.config import ModelShape
+
+if TYPE_CHECKING:  # counting shapes needs no torch (`sparse-dc model`, config validation)
+    from torch import nn
 
 _EMBEDDING_PARAMS = ("embed.weight", "head.weight")
 

@@ -1,6 +1,6 @@
 """`sparse-dc reproduce`: the paper's headline findings at small scale, from one command.
 
-    sparse-dc reproduce --scale tiny --out runs/reproduce-tiny            # 2-core CPU, built-in corpus, ~30 min
+    sparse-dc reproduce --scale tiny --out runs/reproduce-tiny            # 2-core CPU, built-in corpus, ~15 min
     sparse-dc reproduce --scale small --out runs/reproduce-small          # one GPU
     sparse-dc reproduce --scale medium --data DIR --launcher slurm -- --partition=gpu
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s reproduce: %(message)s", datefmt="%H:%M:%S")
-    from sparse_dc.launch.sweep import run_sweep, summarize
+    from sparse_dc.launch.sweep import run_sweep, summarize, unfinished
     from sparse_dc.reproduce.plan import plan_runs, prepare_data
 
     scale = get_scale(args.scale)
@@ -67,9 +67,9 @@ def main(argv: list[str]) -> int:
         if {"submitted", "queued"} & set(status.values()):
             print("submitted to SLURM: once the jobs have finished, run the same command with --report-only")
             return 0
-        if "failed" in status.values():
-            failed = [n for n, s in status.items() if s == "failed"]
-            raise ReproduceError(f"{len(failed)} run(s) failed ({', '.join(failed[:5])}): see {out}/logs; "
+        failed = unfinished(status)
+        if failed:
+            raise ReproduceError(f"{len(failed)} run(s) did not finish ({', '.join(failed[:5])}): see {out}/logs; "
                                  "re-run the same command to retry them")
     from sparse_dc.reproduce.report import write_report
 

@@ -4,7 +4,7 @@ Every scale trains the paper's grid shape (densities {1, 0.5, 0.25, 0.125} x epo
 size) except `ci`, a much reduced grid that exists only so the test suite can run the whole pipeline. The
 largest size of a scale is held out of the fit and used to score the law's extrapolation.
 
-Timings (2-core shared CPU, 1 thread per rank; see README): tiny trains 60 runs in about 30 minutes.
+Timings (2-core CPU, 1 thread per rank; see README): tiny trained 60 runs in 15 minutes (up to 30 on a busy machine).
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ SCALES: dict[str, Scale] = {
         train=_cpu_train(8, 3e-3, 2), sparsity={**_SET, "update_frequency": 4}, bootstrap=10),
     "tiny": Scale(
         name="tiny", description="2-core CPU, built-in corpus: 3 tiny Llamas (4e4..4e5 dense parameters), "
-                                 "U = 32K tokens; about 30 minutes",
+                                 "U = 32K tokens; about 15 minutes",
         sizes={"h32": _shape(32, 64, 2, 2), "h64": _shape(64, 128, 4, 2), "h128": _shape(128, 256, 4, 2)},
         unique_tokens=32_768, train=_cpu_train(16, 3e-3, 10), sparsity=_SET),
     "small": Scale(

@@ -23,6 +23,7 @@ import numpy as np
 
 from sparse_dc.config import parse_quantity
 from sparse_dc.errors import SparseDCError
+from sparse_dc.jsonl import parse_json_lines
 
 REQUIRED = ("name", "dense_params", "density", "unique_tokens", "tokens", "val_loss")
 
@@ -161,18 +162,7 @@ def read_runs(path: str, keep_duplicates: bool = False) -> Runs:
             raise LedgerError(f"{path}: CSV header lacks column(s) {', '.join(absent)}; "
                               f"expected {', '.join(REQUIRED)} (active_params optional)")
         return runs_from_rows(list(reader), path, keep_duplicates)
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LedgerError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one JSON object per line"
-                              ) from None
-        if not isinstance(row, dict):
-            raise LedgerError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+    rows = [row for _, row in parse_json_lines(text.splitlines(), path, LedgerError)]
     return runs_from_rows(rows, path, keep_duplicates)
 
 

@@ -15,7 +15,6 @@ convert_llama_weights_to_hf.py, which leaves q·k unchanged.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -34,16 +33,26 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float
 
 
 def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """A run folder, its checkpoints/ folder or one step_* tag -> (checkpoints folder, tag) of a complete one."""
-    from sparse_dc.train.checkpoint import MARKER, complete_checkpoints
+    """A run folder, its checkpoints/ folder or one step_* tag -> (checkpoints folder, tag) of a complete one whose
+    files match their COMPLETE record (the newest such tag of a folder; a named tag must be intact)."""
+    from sparse_dc.train.checkpoint import MARKER, complete_checkpoints, tag_problem
 
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, MARKER)):
+        problem = tag_problem(path)
+        if problem:
+            raise SparseDCError(f"--checkpoint {path} is damaged ({problem}): expected an intact checkpoint")
         return os.path.dirname(path), os.path.basename(path)
     for root in (os.path.join(path, "checkpoints"), path):
         found = complete_checkpoints(root)
+        for step, tag in reversed(found):
+            problem = tag_problem(os.path.join(root, tag))
+            if problem is None:
+                return root, tag
+            log.warning("checkpoint %s is damaged (%s): trying the one before it", tag, problem)
         if found:
-            return root, found[-1][1]
+            raise SparseDCError(f"--checkpoint {path}: every complete checkpoint in {root} is damaged: expected an "
+                                "intact one (its files matching its COMPLETE record)")
     raise SparseDCError(f"--checkpoint {path}: expected a run folder, its checkpoints/ folder or a step_* folder "
                         "holding a complete checkpoint (one with a COMPLETE marker)")
 
@@ -203,15 +212,3 @@ def export(checkpoint: str, out: str, tokenizer: str | None = None) -> str:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="sparse-dc export",
-                                description="Consolidate a ZeRO checkpoint into a Hugging Face Llama folder.")
-    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or a step_* folder")
-    p.add_argument("--out", required=True, help="output folder (model.safetensors, config.json, tokenizer files)")
-    p.add_argument("--tokenizer", default=None, metavar="FILE",
-                   help="SentencePiece model to ship (default: the one in the run's prepared data directory)")
-    args = p.parse_args(argv)
-    print(export(args.checkpoint, args.out, args.tokenizer))
-    return 0

@@ -13,9 +13,11 @@ prefix, `val_from`), block size (null for a dense run), block topology, DST meth
 wall time, config hash, git commit.
 
 Appends are one `write()` of a whole line on an O_APPEND descriptor under an exclusive `flock`, so concurrent runs
-sharing a ledger (an array job on one filesystem) never interleave or tear lines. `update_row` changes one row in
-place (downstream scores joining a finished run's row) by writing the whole ledger to a temporary file that replaces
-it, under the same lock.
+sharing a ledger (an array job on one filesystem) never interleave or tear lines. `record_run` appends a finished
+run's row only if no row with its `run_id` is there yet, under the same lock (idempotent: a run resumed after it
+finished, or recording again after a crash, ends with exactly one row). `update_row` changes one row in place
+(downstream scores joining a finished run's row) by writing the whole ledger to a temporary file that replaces it,
+under the same lock. Readers take no lock: every state of the file they can see is whole.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import subprocess
 import time
 from typing import Any, Callable, Iterator
 
-from sparse_dc.errors import SparseDCError
+from sparse_dc.errors import SparseDCError, reporting_disk_full
+from sparse_dc.jsonl import json_objects
 
 SHARED_FIELDS = ("name", "dense_params", "active_params", "density", "unique_tokens", "tokens", "val_loss")
 
@@ -65,17 +68,47 @@ def _locked(path: str) -> Iterator[int]:
         os.close(fd)
 
 
-def append_row(path: str, row: dict[str, Any]) -> None:
-    """Append `row` as one JSON line to the ledger at `path` (created with its folder if missing)."""
+def _check_row(row: dict[str, Any]) -> None:
     missing = [f for f in SHARED_FIELDS if f not in row]
     if missing:
         raise SparseDCError(f"ledger row lacks {', '.join(missing)}: expected all of {', '.join(SHARED_FIELDS)}")
+
+
+def _write_line(fd: int, path: str, row: dict[str, Any]) -> None:
+    """One whole line on the locked O_APPEND descriptor; a full disk is a one-line DiskFull, no half line left."""
     data = (json.dumps(row, allow_nan=True) + "\n").encode("utf-8")
-    with _locked(path) as fd:
+    with reporting_disk_full(path, f"the row of run {row['name']!r} was not written"):
         written = os.write(fd, data)
-        if written != len(data):  # only on a full disk; leave no half line behind silently
-            raise OSError(f"short write to the ledger {path}: {written} of {len(data)} bytes")
+        if written != len(data):  # a full disk can also cut a write short: take the partial line back
+            os.ftruncate(fd, os.fstat(fd).st_size - written)
+            raise OSError(28, f"short write to the ledger {path}: {written} of {len(data)} bytes")
         os.fsync(fd)
+
+
+def append_row(path: str, row: dict[str, Any]) -> None:
+    """Append `row` as one JSON line to the ledger at `path` (created with its folder if missing)."""
+    _check_row(row)
+    with _locked(path) as fd:
+        _write_line(fd, path, row)
+
+
+def same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two rows record the same run: the same `run_id`, or the same name when either lacks one (a row
+    from before run ids)."""
+    if a.get("run_id") and b.get("run_id"):
+        return a["run_id"] == b["run_id"]
+    return a.get("name") == b.get("name")
+
+
+def record_run(path: str, row: dict[str, Any]) -> bool:
+    """Append the row of a finished run unless the ledger already holds it (`same_run`); returns whether it was
+    appended. Safe to call again after a crash or on a resume of a finished run: a run ends with exactly one row."""
+    _check_row(row)
+    with _locked(path) as fd:
+        if any(same_run(old, row) for old in read_ledger(path)):
+            return False
+        _write_line(fd, path, row)
+        return True
 
 
 def update_row(path: str, match: Callable[[dict[str, Any]], bool],
@@ -87,9 +120,9 @@ def update_row(path: str, match: Callable[[dict[str, Any]], bool],
     if not os.path.isfile(path):
         raise SparseDCError(f"ledger {path} does not exist")
     with _locked(path):
+        rows = {lineno - 1: row for lineno, row in json_objects(path)}  # checked: one-line errors
         with open(path, encoding="utf-8") as fh:
             lines = fh.readlines()
-        rows = {i: _parse(line, f"{path}:{i + 1}") for i, line in enumerate(lines) if line.strip()}
         hits = [i for i, row in rows.items() if match(row)]
         if not hits:
             raise SparseDCError(f"ledger {path} has no {what}")
@@ -97,7 +130,7 @@ def update_row(path: str, match: Callable[[dict[str, Any]], bool],
         lines[hits[-1]] = json.dumps(new, allow_nan=True) + "\n"
         tmp = f"{path}.tmp.{os.getpid()}"
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
+            with reporting_disk_full(path, "the ledger was left unchanged"), open(tmp, "w", encoding="utf-8") as fh:
                 fh.writelines(lines)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -109,26 +142,24 @@ def update_row(path: str, match: Callable[[dict[str, Any]], bool],
     return new
 
 
-def _parse(line: str, where: str) -> dict[str, Any]:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise SparseDCError(f"{where}: not valid JSON ({exc.msg}); expected one JSON object per line") from None
-
-
 def read_ledger(path: str) -> list[dict[str, Any]]:
-    """All rows of a ledger file, in order."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """All rows of a ledger file, in order (none if it does not exist yet); a line that is not a JSON object, or
+    a file that is not UTF-8, is a one-line error naming it."""
+    if not os.path.exists(path):
+        return []
+    return [row for _, row in json_objects(path)]
 
 
 def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens_per_s: float, wall_time_s: float,
              steps: int, world_size: int, val_loss_paper: float | None = None,
-             effective_active_params: int | None = None, dead_path_params: int = 0) -> dict[str, Any]:
-    """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan;
+             run_id: str | None = None, effective_active_params: int | None = None,
+             dead_path_params: int = 0) -> dict[str, Any]:
+    """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan; `run_id`:
+    the identity `record_run` keeps rows unique by (None for a run from before run ids: its name is used);
     `effective_active_params`, `dead_path_params`: the DST engine's final stats (None: all active ones)."""
     return {
         "name": cfg.name,
+        "run_id": run_id,
         "dense_params": counts.law_dense,
         "active_params": counts.law_active,
         "density": cfg.sparsity.density,

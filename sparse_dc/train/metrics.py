@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sparse_dc.errors import reporting_disk_full
 from sparse_dc.train.config import WandbConfig
 from sparse_dc.train.wandb_log import WandbLogger, scalars
 
@@ -87,7 +88,7 @@ class Metrics:
         if not self.enabled:
             return
         record = {"kind": prefix, **record}
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with reporting_disk_full(self.path), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         step = record["step"]
         if self.tb is not None:

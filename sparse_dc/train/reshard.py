@@ -41,7 +41,8 @@ Not covered: tensor/pipeline parallelism (the trainer uses neither), NVMe/CPU op
 checkpoint storage (every rank must see rank 0's conversion), and changing the ZeRO stage across the resume
 (refused by the fingerprint check). The other ranks wait in a collective while rank 0 converts: a conversion
 longer than the process group's timeout (NCCL watchdog) would abort the resume (the temp folder is discarded, the
-checkpoint untouched): convert big models beforehand with `sparse-dc reshard` (main below), which the resume reuses.
+checkpoint untouched): convert big models beforehand with `sparse-dc reshard` (checkpoint_cli.py), which the resume
+reuses.
 """
 from __future__ import annotations
 
@@ -189,21 +190,3 @@ def seed_all(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(value)
     np.random.seed(value)
     random.seed(value)
-
-
-def main(argv: list[str]) -> int:
-    """`sparse-dc reshard --checkpoint RUN|TAG [--workers N]`: convert ahead of a resume on another world size.
-
-    A resume converts on rank 0 while the other ranks wait in a collective; for a big model that can outlast the
-    process group's timeout. Converting here first (on a node with many cores) makes the resume reuse it."""
-    from sparse_dc.train.export import resolve_checkpoint
-
-    p = argparse.ArgumentParser(prog="sparse-dc reshard", description=main.__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="run folder, its checkpoints/ folder, or a step_* folder")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="extract/merge processes")
-    args = p.parse_args(argv)
-    if args.workers < 1:
-        raise SparseDCError(f"--workers={args.workers}: expected an integer >= 1")
-    root, tag = resolve_checkpoint(args.checkpoint)
-    print(convert_to_universal(root, tag, args.workers))
-    return 0

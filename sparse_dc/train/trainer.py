@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from sparse_dc.config.base import write_text_atomic
 from sparse_dc.config.run import RunConfig
 from sparse_dc.data.loader import TokenBudget, TokenBudgetDataset
-from sparse_dc.errors import SparseDCError
+from sparse_dc.errors import SparseDCError, reporting_disk_full
 from sparse_dc.model import build_model, count_params, flops_per_token
 from sparse_dc.sparsity import AdamDST, DSTEngine, optimizer_state
 from sparse_dc.sparsity.paths import dead_path_warning
@@ -36,9 +37,10 @@ class TrainingDiverged(SparseDCError):
 
 
 def resume_fingerprint(cfg: RunConfig) -> str:
-    """Hash of everything that shapes the loss trajectory (not logging, eval or checkpoint cadence, ledger path):
-    a resume must match it."""
+    """Hash of everything that shapes the loss trajectory (not logging, eval or checkpoint cadence, ledger path,
+    nor where the run folder lives: it may be moved or copied): a resume must match it."""
     data = cfg.to_dict()
+    data.pop("output_dir")
     for key in ("log_interval", "eval_interval", "eval_sequences", "checkpoint_interval", "keep_checkpoints",
                 "save_final", "stop_at_step", "ledger", "tensorboard", "wandb", "progress", "peak_flops",
                 "verify_replicas"):
@@ -119,6 +121,17 @@ class Trainer:
         self._wall_start = time.perf_counter()
         self.last_val: float | None = None
         self.last_val_paper: float | None = None
+        # the run's identity in the ledger (one row per run_id); a resume takes the checkpoint's
+        self.run_id: str | None = self._shared(uuid.uuid4().hex)
+        self.ledger_row: dict[str, Any] | None = None  # set once the run finished (saved in its last checkpoint)
+
+    def _shared(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (collective)."""
+        if dist.is_initialized() and self.denv.world_size > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return value
 
     # --- resume -----------------------------------------------------------------------------------------
     def marker(self) -> dict[str, Any]:
@@ -127,8 +140,9 @@ class Trainer:
                 "config": self.cfg.to_dict(), "vocab_size": self.vocab_size}
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint, if any (collective). Returns whether one was found."""
-        latest = self.checkpointer.latest()
+        """Continue from the newest intact checkpoint, if any (collective; damaged newer ones are set aside,
+        see checkpoint.py). Returns whether one was found."""
+        latest = self.checkpointer.newest_intact()
         if latest is None:
             return False
         expect = {k: v for k, v in self.marker().items() if k in ("resume_fingerprint", "zero_stage")}
@@ -138,6 +152,7 @@ class Trainer:
         self.step, self.samples, self.train_time = state["step"], state["samples"], state["train_time"]
         self.wall_time, self._wall_start = state["wall_time"], time.perf_counter()
         self.last_val = state.get("val_loss")
+        self.run_id, self.ledger_row = state.get("run_id"), state.get("ledger_row")
         self.dst.load_state_dict(state["dst"])
         return True
 
@@ -147,7 +162,8 @@ class Trainer:
 
     def save(self) -> None:
         state = {"step": self.step, "samples": self.samples, "train_time": self.train_time,
-                 "wall_time": self.elapsed(), "val_loss": self.last_val, "dst": self.dst.state_dict()}
+                 "wall_time": self.elapsed(), "val_loss": self.last_val, "dst": self.dst.state_dict(),
+                 "run_id": self.run_id, "ledger_row": self.ledger_row}
         self.checkpointer.save(self.engine, self.step, state, self.marker())
 
     # --- the loop ---------------------------------------------------------------------------------------
@@ -155,9 +171,7 @@ class Trainer:
         """Train to the end of the token budget; returns the ledger row (None if stopped by a signal)."""
         tc, denv = self.tc, self.denv
         if self.step >= self.total_steps:
-            if denv.is_main:
-                print(f"run {self.cfg.name!r} already finished ({self.step} steps); nothing to do")
-            return None
+            return self.finished_already()
         if tc.stop_at_step is not None and self.step >= tc.stop_at_step:
             if denv.is_main:
                 print(f"run {self.cfg.name!r} is at step {self.step} >= train.stop_at_step={tc.stop_at_step}; "
@@ -165,15 +179,9 @@ class Trainer:
             return None
         if denv.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            write_text_atomic(os.path.join(self.run_dir, "config.yaml"), self.cfg.to_yaml())
-        tokens_per_step = tc.global_batch * self.plan.seq_len
-        shape = self.engine.module.shape
-        self.metrics = Metrics(
-            self.run_dir, denv.is_main, self.total_steps, self.step, tokens_per_step,
-            flops_per_token(self.counts, shape, self.plan.seq_len, active=False),
-            flops_per_token(self.counts, shape, self.plan.seq_len, active=True),
-            device_peak_flops(tc.precision, tc.peak_flops), denv.world_size, tc.progress, tc.tensorboard,
-            wandb=tc.wandb, run_name=self.cfg.name, run_config={**self.cfg.to_dict(), "plan": self.plan.to_dict()})
+            with reporting_disk_full(self.run_dir):
+                write_text_atomic(os.path.join(self.run_dir, "config.yaml"), self.cfg.to_yaml())
+        self.metrics = self.open_metrics()
         self.warn_dead_paths(self.dst.stats())
         stop = StopSignal(self.device)
         dataset = TokenBudgetDataset(self.budget, tc.global_batch, tc.micro_batch, denv.rank, denv.world_size,
@@ -215,6 +223,15 @@ class Trainer:
             stop.restore()
             self.metrics.close()
 
+    def open_metrics(self) -> Metrics:
+        tc, shape = self.tc, self.engine.module.shape
+        return Metrics(
+            self.run_dir, self.denv.is_main, self.total_steps, self.step, tc.global_batch * self.plan.seq_len,
+            flops_per_token(self.counts, shape, self.plan.seq_len, active=False),
+            flops_per_token(self.counts, shape, self.plan.seq_len, active=True),
+            device_peak_flops(tc.precision, tc.peak_flops), self.denv.world_size, tc.progress, tc.tensorboard,
+            wandb=tc.wandb, run_name=self.cfg.name, run_config={**self.cfg.to_dict(), "plan": self.plan.to_dict()})
+
     def train_step(self, micro_batches: list[dict[str, Any]]) -> tuple[float, float | None]:
         """One optimizer step over this rank's micro-batches; returns (global mean token loss, grad norm)."""
         step = self.step + 1
@@ -231,8 +248,8 @@ class Trainer:
             dist.all_reduce(loss_sum)
         loss = float(loss_sum) / max(n_tokens, 1)
         if not math.isfinite(loss):
-            latest = self.checkpointer.latest()
-            kept = f"the last good checkpoint is step {latest[0]}" if latest else "no checkpoint was saved yet"
+            intact = self.checkpointer.last_intact
+            kept = f"the last checkpoint is step {intact[0]}, {intact[1]}" if intact else "no checkpoint was saved yet"
             raise TrainingDiverged(f"loss is {loss} at step {step}: stopping ({kept}; lower train.optimizer.lr "
                                    "or lengthen the warmup)")
         self.engine.step()  # the accumulation boundary: clip, optimizer, LR schedule
@@ -318,11 +335,11 @@ class Trainer:
                 digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def finish(self) -> dict[str, Any]:
-        """Final evaluation, checkpoint, replica check and the ledger row (rank 0 appends it)."""
+    def finish(self, save: bool = True) -> dict[str, Any]:
+        """Final evaluation, replica check, checkpoint and the ledger row (collective; rank 0 records it). The
+        row travels in the final checkpoint, written before the ledger, so a run stopped between the two (a
+        kill, a full disk) records it on its next `--resume auto` instead of losing it."""
         val = self.evaluate()
-        if self.tc.save_final:
-            self.save()
         stats = self.dst.stats()  # also a dense model's: its dead-path count (0 unless projections are missing)
         record: dict[str, Any] = {"step": self.step, "dst": stats if self.dst.layers else None}
         if self.tc.verify_replicas:
@@ -336,14 +353,32 @@ class Trainer:
             if len(set(digests)) > 1:
                 self.metrics.message(f"WARNING: ranks hold different parameters/topology: {digests}")
         self.metrics.log(record, prefix="final")
-        row = ledger.make_row(self.cfg, self.counts, self.plan, val_loss=val, val_loss_paper=self.last_val_paper,
-                              effective_active_params=stats["effective_active_params"],
-                              dead_path_params=stats["dead_path_params"],
-                              tokens_per_s=self.plan.total_tokens / max(self.train_time, 1e-9),
-                              wall_time_s=self.elapsed(), steps=self.step, world_size=self.denv.world_size)
-        self.metrics.summary(row)
+        self.ledger_row = ledger.make_row(self.cfg, self.counts, self.plan, val_loss=val,
+                                          val_loss_paper=self.last_val_paper,
+                                          tokens_per_s=self.plan.total_tokens / max(self.train_time, 1e-9),
+                                          wall_time_s=self.elapsed(), steps=self.step,
+                                          world_size=self.denv.world_size, run_id=self.run_id,
+                                          effective_active_params=stats["effective_active_params"],
+                                          dead_path_params=stats["dead_path_params"])
+        self.metrics.summary(self.ledger_row)
+        if save and self.tc.save_final:
+            self.save()
         if self.denv.is_main:
-            ledger.append_row(self.tc.ledger, row)
-            self.metrics.message(f"done: {self.step} steps, val_loss {val}, ledger row appended to "
-                                 f"{self.tc.ledger}")
-        return row
+            appended = ledger.record_run(self.tc.ledger, self.ledger_row)
+            self.metrics.message(f"done: {self.step} steps, val_loss {val}, ledger row "
+                                 + (f"appended to {self.tc.ledger}" if appended else f"already in {self.tc.ledger}"))
+        return self.ledger_row
+
+    def finished_already(self) -> None:
+        """A resume of a finished run: make sure its ledger row exists (collective), then nothing to do."""
+        if self.ledger_row is None:  # a checkpoint from before the row travelled in it: evaluate again
+            self.metrics = self.open_metrics()
+            try:
+                self.finish(save=False)
+            finally:
+                self.metrics.close()
+        elif self.denv.is_main:
+            appended = ledger.record_run(self.tc.ledger, self.ledger_row)
+            print(f"run {self.cfg.name!r} already finished ({self.step} steps); "
+                  + (f"its missing ledger row is now appended to {self.tc.ledger}" if appended else
+                     f"its ledger row is in {self.tc.ledger}; nothing to do"), flush=True)

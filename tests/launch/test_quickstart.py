@@ -26,6 +26,18 @@ def test_quickstart_end_to_end(tmp_path):
 
     table = (out / "summary.txt").read_text()
     assert "tiny-d1" in table and "tiny-d0.5" in table and "predicted val loss" in table
+    # what ran (header), what it shows (conclusion, the speed note from the table itself), what to do next
+    assert table.startswith("sparse-dc quickstart, ") and "U = 16,384 unique tokens x 4 epochs" in table
+    assert f"({rows[1]['val_loss']:.4f} vs {rows[0]['val_loss']:.4f}" in table
+    assert f"sparse trains at {rows[1]['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x dense's speed" in table
+    assert "so sparse is slower there" not in table and "loop s" in table
+    assert "% sparse. The paper's \"moderate (~50%) sparsity\"" in table
+    # the suggested next commands work: the law prediction runs as printed (the sweep + fit need more runs)
+    predict = next(x.strip() for x in proc.stdout.splitlines() if x.strip().startswith("sparse-dc law predict"))
+    law = subprocess.run([sys.executable, "-m", "sparse_dc.cli", *predict.split()[1:]], capture_output=True,
+                         text=True, timeout=60)
+    assert law.returncode == 0 and "predicted loss" in law.stdout, law.stderr
+    assert "--anchor paper" in proc.stdout and "an anchored fit needs 4+ runs" in proc.stdout
     png = out / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     # the output paths are the last thing printed

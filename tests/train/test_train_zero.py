@@ -4,7 +4,9 @@ under torchrun over gloo."""
 import math
 import os
 import signal
+import time
 
+import psutil
 import pytest
 
 from sparse_dc.config.base import load_config
@@ -62,9 +64,13 @@ def test_kill9_then_resume_reproduces_trajectory_bitwise(zero_run, prepared_data
     proc = start_train(tmp_path, config)
     try:
         wait_for_step(run_dir, 14, proc)
+        # the ranks: torchrun starts them in sessions of their own, out of reach of a kill of its process group
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "sparse_dc.train.cli" in " ".join(p.cmdline())]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run, no chance to clean up
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's process group, mid-run, no chance to clean up
         proc.wait()
+    assert len(ranks) == 2 and not _still_running(ranks, 30)  # no orphan keeps training: they die with torchrun
     killed = Run(run_dir).load()
     assert not any(r["kind"] == "final" for r in killed.records), "the run finished before it was killed"
     resumed = run_train(tmp_path, config, 2, "--resume", "auto")
@@ -74,6 +80,15 @@ def test_kill9_then_resume_reproduces_trajectory_bitwise(zero_run, prepared_data
     val = [r["val_loss"] for r in resumed.records if r["kind"] == "eval"][-1]
     assert val == [r["val_loss"] for r in reference.records if r["kind"] == "eval"][-1]
     assert resumed.final()["replica_digests"] == reference.final()["replica_digests"]
+
+
+def _still_running(procs: list, timeout: float) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def test_one_rank_and_two_ranks_train_the_same_model(prepared_data, tmp_path):

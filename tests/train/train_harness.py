@@ -145,3 +145,16 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 def check_ok(run: Run) -> None:
     assert run.proc.returncode == 0, (run.proc.stdout[-2000:], run.proc.stderr[-4000:])
+
+
+def run_in_processes(jobs: list) -> None:
+    """Run (function, args) jobs in forked processes at once; each must exit cleanly."""
+    import multiprocessing as mp
+
+    procs = [mp.get_context("fork").Process(target=f, args=a) for f, a in jobs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+
