@@ -46,10 +46,11 @@ def test_nan_loss_stops_with_a_clear_message(prepared_data, tmp_path):
 
 @pytest.mark.slow
 def test_dead_gradient_paths_warn_and_reach_the_ledger(prepared_data, tmp_path):
-    """Independent 32x32 block masks at density 0.0625 leave live blocks on dead paths: one warning line at start
+    """Independent 16x16 block masks at density 0.125 leave live blocks on dead paths: one warning line at start
     and at updates, and the ledger's effective_active_params falls short of active_params by the final count."""
     config = write_config(tmp_path, prepared_data, "dead-paths", "block", 1, eval_interval=0)
-    run = run_train(tmp_path, config, 1, "sparsity.block_topology=independent", "sparsity.density=0.0625")
+    run = run_train(tmp_path, config, 1, "sparsity.block_topology=independent", "sparsity.block_size=16",
+                    "sparsity.density=0.125")
     assert run.proc.returncode == 0, run.proc.stderr[-3000:]
     warnings = [line for line in run.proc.stdout.splitlines() if "dead gradient path" in line]
     assert warnings[0].startswith("WARNING: step 0: ") and "effective_active_params=" in warnings[0]
