@@ -149,11 +149,11 @@ def set_zero3_partition(p: torch.nn.Parameter, full: torch.Tensor, key: str | No
     a universal-checkpoint load). Not a collective.
 
     What deepspeed.utils.safe_set_full_fp32_param / safe_set_full_optimizer_state do under ZeRO 3, without their
-    slip (DeepSpeed 0.19.8; upstream's master has the same code): ZeRO 3 gives rank r of R a slot of ceil(numel / R) elements
-    of every parameter, holding the elements from r x slot on, min(slot, numel - r x slot) of them (possibly none),
-    then padding. DeepSpeed copies a whole slot from r x slot, which runs past the end of the value on the last
-    rank whenever R does not divide numel: that rank raises while the others go on (and hang in their next
-    collective). Only the parameter's own elements are copied here; the padding is left alone."""
+    slip (DeepSpeed 0.19.8; upstream's master has the same code): ZeRO 3 gives rank r of R a slot of
+    ceil(numel / R) elements of every parameter, holding the elements from r x slot on, min(slot, numel - r x slot)
+    of them (possibly none), then padding. DeepSpeed copies a whole slot from r x slot, which runs past the end of
+    the value on the last rank whenever R does not divide numel: that rank raises while the others go on (and hang
+    in their next collective). Only the parameter's own elements are copied here; the padding is left alone."""
     zero = p._z3_optimizer
     group, _, slot = zero.grad_position[zero.get_param_id(p)]
     if key is not None:
