@@ -6,7 +6,9 @@ are partitioned across ranks and the module's parameter may be a low-precision c
 placeholder). This is the only module of `sparse_dc.sparsity` that knows about DeepSpeed; it imports it lazily.
 
 Under DeepSpeed every method is a collective (all-gather / all-reduce inside DeepSpeed's safe_get/safe_set
-helpers): every rank must call them for the same parameters in the same order.
+helpers): every rank must call them for the same parameters in the same order. Under ZeRO 3 full tensors are
+written back by `set_zero3_partition`, not DeepSpeed's safe_set helpers (see there: they fail whenever the world
+size does not divide a parameter's size); its safe_get helpers are exact at any world size.
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ class TorchOptimizerState:
 
 
 class DeepSpeedOptimizerState:
-    """A DeepSpeed engine under ZeRO 1, 2 or 3 (fp32, bf16 or fp16), through deepspeed.utils.safe_get/set_*."""
+    """A DeepSpeed engine under ZeRO 1, 2 or 3 (fp32, bf16 or fp16): reads through deepspeed.utils.safe_get_*,
+    writes through safe_set_* under ZeRO 1/2 and `set_zero3_partition` under ZeRO 3."""
 
     def __init__(self, engine: Any):
         self.engine = engine
@@ -86,14 +89,14 @@ class DeepSpeedOptimizerState:
     @torch.no_grad()
     def zero_entries(self, p: torch.nn.Parameter, where: torch.Tensor, param: bool = True,
                      fill: torch.Tensor | None = None) -> None:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param
 
         if param:
             full = safe_get_full_fp32_param(p)
             if full is not None:  # the fp32 master, which the next step copies into the model's copy
                 full = full.reshape(self._shape(p)).clone()
                 full[where] = 0 if fill is None else fill.to(full)
-                safe_set_full_fp32_param(p, full)
+                self._set_full(p, full)
             self._set_model_copy(p, where, fill)
         for key in self._state_keys(MOMENT_KEYS):
             self._set_state(p, where, key, 0.0)
@@ -104,11 +107,23 @@ class DeepSpeedOptimizerState:
             self._set_state(p, where, key, value)
 
     def _set_state(self, p: torch.nn.Parameter, where: torch.Tensor, key: str, value: float) -> None:
-        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+        from deepspeed.utils import safe_get_full_optimizer_state
 
         full = safe_get_full_optimizer_state(p, key).reshape(self._shape(p)).clone()
         full[where] = value
-        safe_set_full_optimizer_state(p, full, key)
+        self._set_full(p, full, key)
+
+    @staticmethod
+    def _set_full(p: torch.nn.Parameter, full: torch.Tensor, key: str | None = None) -> None:
+        """Write a full tensor of p's shape into the fp32 master (key None) or the optimizer state `key`."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if hasattr(p, "ds_id"):  # ZeRO 3
+            set_zero3_partition(p, full, key)
+        elif key is None:
+            safe_set_full_fp32_param(p, full)
+        else:
+            safe_set_full_optimizer_state(p, full, key)
 
     @staticmethod
     def _set_model_copy(p: torch.nn.Parameter, where: torch.Tensor, fill: torch.Tensor | None) -> None:
@@ -129,6 +144,33 @@ def optimizer_state(optimizer_or_engine: Any) -> OptimizerState:
     if optimizer_or_engine is None or isinstance(optimizer_or_engine, torch.optim.Optimizer):
         return TorchOptimizerState(optimizer_or_engine)
     raise TypeError(f"Expected a torch optimizer, a DeepSpeed engine or None. Got {type(optimizer_or_engine)}.")
+
+
+@torch.no_grad()
+def set_zero3_partition(p: torch.nn.Parameter, full: torch.Tensor, key: str | None = None) -> None:
+    """Copy this rank's slice of `full` (a tensor of p's full shape) into its ZeRO-3 partition of the fp32 master
+    weights (key None) or of the optimizer state `key` (created as zeros if the optimizer keeps none yet, as after
+    a universal-checkpoint load). Not a collective.
+
+    What deepspeed.utils.safe_set_full_fp32_param / safe_set_full_optimizer_state do under ZeRO 3, without their
+    slip (DeepSpeed 0.19.8; upstream's master has the same code): ZeRO 3 gives rank r of R a slot of
+    ceil(numel / R) elements of every parameter, holding the elements from r x slot on, min(slot, numel - r x slot)
+    of them (possibly none), then padding. DeepSpeed copies a whole slot from r x slot, which runs past the end of
+    the value on the last rank whenever R does not divide numel: that rank raises while the others go on (and hang
+    in their next collective). Only the parameter's own elements are copied here; the padding is left alone."""
+    zero = p._z3_optimizer
+    group, _, slot = zero.grad_position[zero.get_param_id(p)]
+    if key is not None:
+        flat = zero.fp32_partitioned_groups_flat[group]
+        zero.optimizer.state[flat].setdefault(key, torch.zeros_like(flat, dtype=torch.float32))
+    # DeepSpeed's own view of this rank's slot (it waits for pending gradient reductions and swaps NVMe-offloaded
+    # state in first)
+    partition, _ = zero._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    start = zero._get_param_partition_rank(p) * slot
+    size = max(0, min(slot, full.numel() - start))
+    partition.narrow(0, 0, size).copy_(full.reshape(-1).narrow(0, start, size))
+    if zero._swappable_optimizer_subgroup(group):
+        zero._optimizer_states_and_gradient_swap_out(group)
 
 
 def fix_deepspeed_state_after_load(engine: Any) -> None:

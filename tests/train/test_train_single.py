@@ -10,7 +10,7 @@ import pytest
 
 from sparse_dc.train.config import ScheduleConfig
 from sparse_dc.errors import SparseDCError
-from sparse_dc.train.dist import DistEnv, first_slurm_host, setup_env
+from sparse_dc.train.dist import DistEnv, first_slurm_host, launch_rank, setup_env
 from sparse_dc.train.ledger import read_ledger
 from train_harness import Run, run_train, start_train, wait_for_step, write_config
 
@@ -110,6 +110,30 @@ def test_rendezvous_env_under_mpi_launchers():
     pmi2 = {"PMI_RANK": "3", "PMI_SIZE": "8", "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3",
             "SLURM_JOB_NODELIST": "gpu1"}
     assert setup_env(pmi2) == DistEnv(3, 3, 8, "slurm")
+
+
+def test_the_rank_that_reports_errors_is_the_rendezvous_rank():
+    """`sparse-dc train` decides which rank reports a user error before the rendezvous: the rank setup_env will
+    give under every launcher (mpirun's ranks all used to think they were rank 0), read without changing the
+    environment, also when setup_env refuses the launcher's variables."""
+    launchers = {
+        "mpirun": ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                    "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 1),
+        "hydra": ({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4",
+                   "MASTER_ADDR": "n1"}, 5),
+        "srun": ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "g[1-2]"}, 3),
+        "torchrun": ({"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 2),
+        "plain": ({}, 0),
+    }
+    for name, (env, rank) in launchers.items():
+        before = dict(env)
+        assert launch_rank(env) == rank == setup_env(dict(env)).rank, name
+        assert env == before, name
+    over_nodes = {"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+                  "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}  # refused: no MASTER_ADDR; the error is rank 0's to report
+    with pytest.raises(SparseDCError, match="MASTER_ADDR"):
+        setup_env(dict(over_nodes))
+    assert launch_rank(over_nodes) == 6
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
