@@ -14,9 +14,10 @@
     fast_preset("120m", 0.5)    -> {"name": "120m-d0.5", "data": {...}, "model": {"preset": "120m"}, ...}
     paper_recipe("120m", 0.5)   -> {"name": "paper-120m-d0.5", ...}
 
-`launch/make_configs.py` writes both families; `sparse-dc law plan --write-config` uses `fast_preset`, so a
-planned run and a preset differ only in size, density and budget. Importing this module does not import torch
-(the scaling toolkit imports it); `paper_recipe` counts parameters with sparse_dc.model when called.
+`launch/make_configs.py` writes both families; `sparse-dc law plan --write-config` writes `recipe_preset` of its
+`--recipe` (paper by default), so a planned run and a preset differ only in size, density and budget. Importing
+this module does not import torch (the scaling toolkit imports it); `paper_recipe` counts parameters with
+sparse_dc.model when called.
 """
 from __future__ import annotations
 

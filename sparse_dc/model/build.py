@@ -76,23 +76,21 @@ def check_achievable_density(model_cfg: ModelConfig, sparsity_cfg: SparsityConfi
 
 def build_model(model_cfg: ModelConfig, sparsity_cfg: SparsityConfig, vocab_size: int | None = None) -> Llama:
     """A Llama whose targeted projections are SparseLinear with the configured initial topology (seeded by
-    sparsity.seed, identical on every rank). Dense weights draw from torch's global RNG: seed it first."""
+    sparsity.seed, identical on every rank; sparse_dc.sparsity.paths draws it). Dense weights draw from torch's
+    global RNG: seed it first."""
     from sparse_dc.model.llama import Llama, dense_linear
     from sparse_dc.sparsity.layer import SparseLinear  # imports the kernels only when a model is built
-    from sparse_dc.sparsity.topology import random_mask, unit_generator
+    from sparse_dc.sparsity.paths import initial_masks
 
     shape = model_shape(model_cfg, sparsity_cfg)
     specs = sparse_layers(shape, sparsity_cfg)
     counts = allocate(specs, sparsity_cfg) if specs else {}
-    index = {s.name: i for i, s in enumerate(specs)}
-    b = sparsity_cfg.block_size
+    masks = initial_masks(specs, counts, shape.n_heads, shape.hidden_size, sparsity_cfg)
 
     def factory(name: str, in_features: int, out_features: int, std: float):
-        if name not in counts:
+        if name not in masks:
             return dense_linear(name, in_features, out_features, std)
-        gen = unit_generator(sparsity_cfg.seed, 0, index[name])
-        mask = random_mask(out_features // b, in_features // b, counts[name], gen)
-        return SparseLinear(in_features, out_features, b, mask, std)
+        return SparseLinear(in_features, out_features, sparsity_cfg.block_size, masks[name], std)
 
     return Llama(model_cfg, shape, resolve_vocab(model_cfg, vocab_size), factory)
 

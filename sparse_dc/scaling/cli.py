@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "fit's labels, e.g. 960m = 1.17e9)")
     q.add_argument("--json", action="store_true")
     q.add_argument("--write-config", metavar="FILE.yaml", help="write a `sparse-dc train` config for the plan")
+    q.add_argument("--recipe", default="paper", choices=("paper", "fast"),
+                   help="training recipe of the written config (launch/configs/paper/ or launch/configs/). paper "
+                        "(default): the setup the paper's law and its published coefficients were fitted on "
+                        "(unstructured SET with AdamDST, one document per sequence, the paper's LR rule), so the "
+                        "run is the one the plan's loss predicts; fast: 64x64 block-sparse AdamW presets that train "
+                        "faster at scale but are not that setup: plan them with a law fitted to fast runs (--params)")
     q.add_argument("--name", default=None, help="run name in the written config")
     q.add_argument("--data-dir", default="runs/data/corpus", help="data.dir in the written config")
     q.set_defaults(func=cmd_plan)
@@ -227,10 +233,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         import yaml
 
         name = args.name or f"plan-{result.preset}-d{result.density:.3f}-U{u:.2g}".replace("+", "")
-        config = training_config(result, name, args.data_dir)
+        config = training_config(result, name, args.data_dir, recipe=args.recipe)
         write_text_atomic(args.write_config, yaml.safe_dump(config, sort_keys=False))
         if not args.json:
-            print(f"wrote {args.write_config}")
+            print(f"wrote {args.write_config} ({args.recipe} recipe)")
     return 0
 
 

@@ -221,12 +221,16 @@ def plan(form: LawForm, params: Mapping[str, float], unique_tokens: float, compu
                 loss_optimal_density=loss_optimal_density(form, params, n_dense, unique_tokens, tokens, min_density)[0])
 
 
-def training_config(p: Plan, name: str, data_dir: str = "runs/data/corpus", seq_len: int = 256) -> dict[str, Any]:
-    """The `sparse-dc train` config for a plan: the fast preset of its model size (launch/configs/) at the
-    planned density, trained for exactly the planned tokens on the planned unique budget."""
-    from sparse_dc.launch.presets import fast_preset
+def training_config(p: Plan, name: str, data_dir: str = "runs/data/corpus", seq_len: int = 256,
+                    recipe: str = "paper") -> dict[str, Any]:
+    """The `sparse-dc train` config for a plan: the `recipe` preset of its model size (sparse_dc/launch/presets.py:
+    "paper", the setup the paper's law was fitted on, or "fast") at the planned density, trained for exactly the
+    planned tokens on the planned unique budget."""
+    from sparse_dc.launch.presets import RECIPES, recipe_preset
 
     if seq_len != 256:
         raise PlanError(f"seq_len={seq_len}: the presets (and the paper's runs) use 256")
-    return fast_preset(p.preset, round(p.density, 6), data_dir=data_dir, unique_tokens=int(p.unique_tokens),
-                       epochs=None, total_tokens=int(p.tokens), name=name)
+    if recipe not in RECIPES:
+        raise PlanError(f"recipe={recipe!r}: expected one of {', '.join(RECIPES)}")
+    return recipe_preset(recipe, p.preset, round(p.density, 6), data_dir=data_dir, unique_tokens=int(p.unique_tokens),
+                         epochs=None, total_tokens=int(p.tokens), name=name)

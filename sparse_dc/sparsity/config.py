@@ -15,6 +15,8 @@ BLOCK_SIZES = (1, 16, 32, 64, 128)
 RiglScores = Literal["exact", "norm_sum"]
 GrowCandidates = Literal["dead_before_drop", "dead_after_drop"]
 RegrowOptimizer = Literal["reset", "adamdst"]
+BlockTopology = Literal["path_aware", "independent"]
+RegrowInit = Literal["zero", "normal"]
 
 
 @dataclass(kw_only=True)
@@ -76,6 +78,17 @@ class SparsityConfig(Config):
     code: 20)."""
     seed: int = 0
     """Seeds the initial topology and SET's random growth (same on every rank)."""
+    block_topology: BlockTopology = "path_aware"
+    """Block masks (B > 1). path_aware: every live block lies on a live gradient path at initialisation and after
+    every update, with the same exact densities (sparse_dc.sparsity.paths); independent: each layer's mask drawn
+    and updated on its own, so some live blocks can never receive a gradient (for comparison). B = 1 always uses
+    independent masks, the paper's."""
+    regrow_init: RegrowInit = "zero"
+    """Value of a regrown weight: zero (the paper's choice, and RigL's) or normal: drawn from
+    N(0, (regrow_init_scale x the layer's init std)^2), from a generator keyed by (seed, step, layer)."""
+    regrow_init_scale: float = 0.1
+    """Std of a regrown weight as a fraction of its layer's init std (model.init_std; o and down: scaled by
+    1 / sqrt(2 n_layers)); only with regrow_init=normal."""
 
     def validate(self, path: str = "") -> None:
         self.check(0.0 < self.density <= 1.0, path, "density", "a number in (0, 1]")
@@ -107,6 +120,10 @@ class SparsityConfig(Config):
         self.check(self.momentum_ramp_steps >= 1, path, "momentum_ramp_steps", "an integer >= 1")
         self.check(self.kernel_backend in ("auto", "triton", "reference"), path, "kernel_backend",
                    "'auto', 'triton' or 'reference'")
+        self.check(self.block_topology in get_args(BlockTopology), path, "block_topology",
+                   "'path_aware' or 'independent'")
+        self.check(self.regrow_init in get_args(RegrowInit), path, "regrow_init", "'zero' or 'normal'")
+        self.check(self.regrow_init_scale > 0, path, "regrow_init_scale", "a number > 0")
         super().validate(path)
 
     @property

@@ -9,13 +9,15 @@ The training loop calls, for each optimizer step s = 1, 2, ... (s counts complet
 An update (SET or RigL, Evci et al. 2020 / Mocanu et al. 2018) drops, in every layer, the
 round(rate(s) x live units) live units of smallest magnitude (|w| or block Frobenius norm of the fp32 master
 weights) and grows as many units that were dead before the update: random ones (SET) or those of largest
-dense-gradient score (RigL). RigL's score is |dL/dW| of the step's gradient summed over all micro-batches and
-ranks: B = 1: |Σ dL/dW| per entry; blocks with rigl_scores="exact" (default): ‖Σ dYᵀX‖_F per dead block, the
-blocks summed in fp32 by the sampled-dW kernel over the step's backwards and over ranks before the norm (memory:
-see sparse_dc.sparsity.layer); with rigl_scores="norm_sum": Σ ‖dYᵀX‖_F per backward (and rank), exact only for
-one micro-batch on one rank. Regrown units start at 0 and the moments of dropped and grown units are reset
-through the optimizer-state accessor; with regrow_optimizer="adamdst" the grown units' per-weight step count of
-the AdamDST optimizer restarts at sparsity.regrow_step.
+dense-gradient score (RigL). With the path-aware block topology (the default for B > 1) open lines of a projection
+stay open and blocks grow only into open lines (sparse_dc.sparsity.paths). RigL's score is |dL/dW| of the step's
+gradient summed over all micro-batches and ranks: B = 1: |Σ dL/dW| per entry; blocks with rigl_scores="exact"
+(default): ‖Σ dYᵀX‖_F per dead block, the blocks summed in fp32 by the sampled-dW kernel over the step's backwards
+and over ranks before the norm (memory: see sparse_dc.sparsity.layer); with rigl_scores="norm_sum": Σ ‖dYᵀX‖_F per
+backward (and rank), exact only for one micro-batch on one rank. Regrown units start at 0 (regrow_init=zero) or at
+small normal values drawn from a generator keyed by (seed, step, layer) (regrow_init=normal); the moments of
+dropped and grown units are reset through the optimizer-state accessor; with regrow_optimizer="adamdst" the grown
+units' per-weight step count of the AdamDST optimizer restarts at sparsity.regrow_step.
 
 Identical topology on every rank: SET draws from a generator keyed by (seed, step, layer), RigL's scores are
 all-reduced, and the decided masks are then broadcast from rank 0, so ranks agree even if reductions differ in
@@ -35,6 +37,8 @@ from sparse_dc.sparsity.adamdst import ELEMENT_STEP
 from sparse_dc.sparsity.config import SparsityConfig
 from sparse_dc.sparsity.layer import SparseLinear
 from sparse_dc.sparsity.optim_state import OptimizerState, TorchOptimizerState
+from sparse_dc.sparsity.paths import (PathAwareUpdate, dead_path_params, keyed_generator, model_projections,
+                                      parse_projection, path_aware)
 from sparse_dc.sparsity.topology import drop_grow, prune_rate_at, unit_generator
 
 
@@ -57,16 +61,21 @@ def _with_revived(layer: SparseLinear, reset: torch.Tensor, revived: torch.Tenso
 
 class DSTEngine:
     def __init__(self, model: nn.Module, cfg: SparsityConfig, total_steps: int,
-                 state: OptimizerState | None = None):
+                 state: OptimizerState | None = None, active_params: int | None = None):
         """`model`: the module holding the SparseLinear layers (for DeepSpeed, engine.module); `total_steps`:
         the run's optimizer steps (the stop step is stop_fraction x total_steps); `state`: the accessor from
-        `optimizer_state(optimizer or engine)` (None = parameters only, no moments to reset)."""
+        `optimizer_state(optimizer or engine)` (None = parameters only, no moments to reset); `active_params`:
+        the run's active parameter count, from which stats() subtracts the live parameters on dead paths."""
         if total_steps < 1:
             raise SparseDCError(f"total_steps={total_steps}: expected an integer >= 1")
         self.cfg, self.total_steps = cfg, total_steps
         self.stop_step = int(cfg.stop_fraction * total_steps)
         self.state = state if state is not None else TorchOptimizerState(None)
+        self.model, self.active_params = model, active_params
         self.layers: dict[str, SparseLinear] = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+        # path-aware: (transformer block, kind) of each Llama projection (layers of other models: none)
+        sites = {n: parse_projection(n) for n in self.layers} if path_aware(cfg) else {}
+        self.sites = {n: site for n, site in sites.items() if site is not None}
         self.ever_active = {n: m.unit_mask().cpu().clone() for n, m in self.layers.items()}
         self.last_update_step = 0
         self.last_changed: dict[str, float] = {n: 0.0 for n in self.layers}
@@ -94,22 +103,29 @@ class DSTEngine:
     def update(self, step: int) -> dict[str, Any]:
         """Drop/grow every layer at `step` (collective under DeepSpeed/torch.distributed: all ranks call it)."""
         rate = self.prune_rate(step)
+        paths = PathAwareUpdate(self.sites)
         for index, (name, layer) in enumerate(self.layers.items()):
             old = layer.unit_mask().clone()
             magnitude = layer.unit_magnitude(self.state.get_param(layer.param).to(old.device))
             grow_score = self._grow_score(layer, step, index)
+            magnitude, grow_score = magnitude.to(old.device), grow_score.to(old.device)
             n = round(rate * int(old.sum()))
-            new, grown = drop_grow(old, magnitude.to(old.device), grow_score.to(old.device), n,
-                                   regrow_dropped=self.cfg.grow_candidates == "dead_after_drop")
+            regrow_dropped = self.cfg.grow_candidates == "dead_after_drop"
+            if name in self.sites:  # every open line stays open; blocks grow only into open lines
+                new, grown = paths.decide(name, old, magnitude, grow_score, n, regrow_dropped)
+            else:
+                new, grown = drop_grow(old, magnitude, grow_score, n, regrow_dropped=regrow_dropped)
             if _distributed():  # rank 0's decision is the decision: 0 dead, 1 kept, 2 grown
                 code = new.to(torch.uint8) + grown.to(torch.uint8)
                 dist.broadcast(code, src=0)
                 new, grown = code > 0, code == 2
+            if name in self.sites:  # from the broadcast decision, so every rank locks the same lines
+                paths.record(name, old, new, grown)
             reset = _with_revived(layer, layer.set_topology(new), grown & old)
-            # B = 1: zero the dropped entries in the weight; blocks: zero the grown slots' values. Moments of
-            # both reset, so the optimizer neither moves a pruned weight nor carries stale momentum into a
-            # regrown one.
-            self.state.zero_entries(layer.param, reset)
+            # B = 1: zero the dropped entries in the weight; blocks: zero the grown slots' values (or give grown
+            # units their regrow_init values). Moments of both reset, so the optimizer neither moves a pruned
+            # weight nor carries stale momentum into a regrown one.
+            self.state.zero_entries(layer.param, reset, fill=self._regrown_values(layer, grown, reset, step, index))
             if self.cfg.regrow_optimizer == "adamdst":  # regrown weights restart their per-weight step count
                 restart = grown.to(reset.device) if layer.block_size == 1 else reset
                 self.state.fill_state(layer.param, restart, ELEMENT_STEP, float(self.cfg.regrow_step))
@@ -118,6 +134,19 @@ class DSTEngine:
             self.ever_active[name] |= new.cpu()
         self.last_update_step = step
         return self.stats(step)
+
+    def _regrown_values(self, layer: SparseLinear, grown: torch.Tensor, reset: torch.Tensor, step: int,
+                        index: int) -> torch.Tensor | None:
+        """What `zero_entries` writes at `reset` (None: zeros): normal values at grown units, zeros at dropped
+        ones (B = 1). Drawn on the CPU from a generator keyed by (seed, step, layer): the same on every rank."""
+        if self.cfg.regrow_init == "zero":
+            return None
+        gen = keyed_generator("regrow", self.cfg.seed, step, index)
+        std = self.cfg.regrow_init_scale * layer.init_std
+        if layer.block_size == 1:
+            at_grown = grown[reset.to(grown.device)].cpu()  # reset = dropped | grown entries
+            return torch.randn(at_grown.shape, generator=gen) * std * at_grown
+        return torch.randn(reset.numel(), layer.block_size, layer.block_size, generator=gen) * std
 
     def _grow_score(self, layer: SparseLinear, step: int, index: int) -> torch.Tensor:
         shape = layer.unit_mask().shape
@@ -132,20 +161,40 @@ class DSTEngine:
         return capture.scores()
 
     # --- statistics and checkpoint state ----------------------------------------------------------------
+    def dead_path_params(self) -> int:
+        """Live parameters on a dead gradient path (sparse_dc.sparsity.paths), over the model's Llama blocks."""
+        n_heads = getattr(getattr(self.model, "shape", None), "n_heads", None)
+        if n_heads is None:  # not a Llama: no path structure known
+            return 0
+        return sum(sum(dead_path_params(block, n_heads).values())
+                   for block in model_projections(self.model).values())
+
+    def effective_active_params(self, dead: int) -> int:
+        """`active_params` counted over the live sparse weights on a live path only: active_params x (1 - dead /
+        live sparse weights), which in the paper's N convention (active = dense x live fraction) is dense x the
+        effective live fraction."""
+        live = sum(layer.active_numel for layer in self.layers.values())
+        return self.active_params if not live else max(0, round(self.active_params * (1 - dead / live)))
+
     def stats(self, step: int | None = None) -> dict[str, Any]:
         """Scalars for logs: global density over sparse layers, fraction of live units changed at the last
-        update, fraction of units ever active, and per-layer densities."""
+        update, fraction of units ever active, live parameters on dead paths and the effective active count
+        (when the engine knows the active count), and per-layer densities."""
         live = {n: int(m.unit_mask().sum()) for n, m in self.layers.items()}
         units = {n: m.unit_mask().numel() for n, m in self.layers.items()}
         total, total_units = sum(live.values()), sum(units.values())
         if not total_units:  # a dense model: nothing is sparse
             total = total_units = 1
+        dead = self.dead_path_params()
         return {
             "step": self.last_update_step if step is None else step,
             "prune_rate": self.prune_rate(self.last_update_step if step is None else step),
             "density": total / total_units,
             "changed_fraction": sum(self.last_changed[n] * live[n] for n in live) / max(1, total),
             "ever_active_fraction": sum(int(e.sum()) for e in self.ever_active.values()) / total_units,
+            "dead_path_params": dead,
+            **({"effective_active_params": self.effective_active_params(dead)} if self.active_params is not None
+               else {}),
             "layer_density": {n: live[n] / units[n] for n in live},
         }
 

@@ -96,6 +96,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"Expected a bool mask of shape {(out_features // b, in_features // b)}. "
                              f"Got {mask.dtype} {tuple(mask.shape)}.")
         self.in_features, self.out_features, self.block_size = in_features, out_features, b
+        self.init_std = std  # regrow_init=normal draws regrown weights at a fraction of it
         self._scores: GrowCapture | None = None  # RigL growth evidence, only while armed
         if b == 1:
             weight = torch.randn(out_features, in_features) * std

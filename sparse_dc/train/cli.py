@@ -1,7 +1,7 @@
 """`sparse-dc train --config FILE.yaml [key=value ...] [--resume auto|never]`: the entry point.
 
-Works unchanged as a plain process, under `torchrun`, the `deepspeed` launcher (which adds --local_rank) and
-SLURM `srun` (see dist.py). Parse -> validate -> rendezvous -> lock the run directory -> build -> train.
+Works unchanged as a plain process, under `torchrun`, the `deepspeed` launcher (which adds --local_rank),
+`mpirun` and SLURM `srun` (see dist.py). Parse -> validate -> rendezvous -> lock the run directory -> build -> train.
 Exit status: 0 finished (or paused at train.stop_at_step), 2 user error, 73 another process is writing the run,
 75 stopped by a signal after saving (resumable); with $SPARSE_DC_STATUS_FILE set the outcome is also written
 there (runguard.py), for launchers that replace the status by their own.
@@ -15,6 +15,7 @@ import sys
 from sparse_dc.config.base import ConfigError, load_config
 from sparse_dc.config.run import RunConfig
 from sparse_dc.errors import SparseDCError
+from sparse_dc.train.dist import launch_rank
 from sparse_dc.train.runguard import EXIT_BUSY, EXIT_ERROR, EXIT_STOPPED, RunBusy, report_error, write_status
 
 __all__ = ["EXIT_STOPPED", "main", "run"]
@@ -35,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    launch_rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    rank = launch_rank()  # decided as the rendezvous decides it (mpirun, srun, torchrun, ...): one rank reports
     try:
         if args.config is None:  # the built-in defaults describe no data a user prepared: never train them silently
             raise ConfigError("--config: expected a YAML run config such as launch/configs/tiny.yaml")
@@ -47,13 +48,13 @@ def main(argv: list[str]) -> int:
     except SparseDCError as exc:
         busy = isinstance(exc, RunBusy)
         code = EXIT_BUSY if busy else EXIT_ERROR
-        if launch_rank == 0:
+        if rank == 0:
             write_status("busy" if busy else "failed", code, message=str(exc))
-        if report_error(f"sparse-dc train: error: {exc}", launch_rank, code):
+        if report_error(f"sparse-dc train: error: {exc}", rank, code):
             print(f"sparse-dc train: error: {exc}", file=sys.stderr, flush=True)
         return code
     except BaseException as exc:  # a bug or a crash: the traceback follows; the status file still says so
-        if launch_rank == 0 and not isinstance(exc, SystemExit):
+        if rank == 0 and not isinstance(exc, SystemExit):
             write_status("failed", 1, message=f"{type(exc).__name__}: {exc}".splitlines()[0])
         raise
     return EXIT_STOPPED if outcome == "stopped" else 0

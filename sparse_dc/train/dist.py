@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 from sparse_dc.errors import SparseDCError
@@ -99,6 +99,16 @@ def setup_env(environ: MutableMapping[str, str] | None = None) -> DistEnv:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
     return DistEnv(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), launcher)
+
+
+def launch_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as `setup_env` decides it, read from a copy of the environment: who reports a
+    user error raised before (or by) the rendezvous."""
+    env = dict(os.environ if environ is None else environ)
+    try:
+        return setup_env(env).rank
+    except SparseDCError:  # a launcher setup_env refuses (e.g. mpirun over nodes without MASTER_ADDR): it had
+        return int(env.get("RANK", "0"))  # already translated the launcher's rank into RANK
 
 
 def init_distributed(denv: DistEnv) -> str:

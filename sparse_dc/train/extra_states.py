@@ -10,9 +10,8 @@ on a resume on another world size (AdamDST's would restart every weight's count)
   reads every file of a parameter's folder, so it restores these itself;
 - `restore_extra_states(engine, universal_dir)` after the load: checks that every extra state the optimizer
   keeps (its EXTRA_STATE_KEYS) has its files (a universal folder converted without them is refused with the
-  fix), and under ZeRO 3 copies each rank's slice into its partition (what
-  deepspeed.utils.safe_set_full_optimizer_state does, without its 0.19.8 slip: it reads rank r's slice at
-  r x (the rank's slot length), past the end of a parameter whose size the ranks do not divide).
+  fix), and under ZeRO 3 copies each rank's slice into its partition (sparsity.optim_state.set_zero3_partition:
+  deepspeed.utils.safe_set_full_optimizer_state fails when the ranks do not divide a parameter's size).
 
 Shard layouts, as DeepSpeed writes them: ZeRO 1/2 rank r's flat partition of group g holds parameter fragments at
 `param_slice_mappings[g][name]` (start, numel), in rank order; ZeRO 3 rank r's flat sub-group g holds, for every
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from sparse_dc.errors import SparseDCError
+from sparse_dc.sparsity.optim_state import set_zero3_partition
 
 CARRIED = ("step", "exp_avg", "exp_avg_sq")  # what DeepSpeed's universal conversion already handles
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
@@ -97,8 +97,7 @@ def restore_extra_states(engine: Any, universal_dir: str) -> None:
     partitions. Every rank calls it."""
     from deepspeed.checkpoint.constants import PARAM
 
-    zero = engine.optimizer
-    inner = getattr(zero, "optimizer", zero)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     keys = getattr(inner, "EXTRA_STATE_KEYS", ())
     stage3 = engine.zero_optimization_stage() == 3
     for name, param in engine.module.named_parameters():
@@ -108,10 +107,4 @@ def restore_extra_states(engine: Any, universal_dir: str) -> None:
                 raise SparseDCError(f"{path} is missing: this universal checkpoint was converted without the "
                                     f"optimizer's {key!r} state; delete {universal_dir} and resume again")
             if stage3:
-                full = torch.load(path, map_location="cpu", weights_only=False)[PARAM].flatten()
-                group, offset, slot = zero.grad_position[zero.get_param_id(param)]
-                start = zero._get_param_partition_rank(param) * slot
-                size = max(0, min(slot, full.numel() - start))
-                flat = zero.fp32_partitioned_groups_flat[group]
-                target = inner.state[flat].setdefault(key, torch.zeros_like(flat, dtype=torch.float32))
-                target.narrow(0, offset, size).copy_(full.narrow(0, start, size))
+                set_zero3_partition(param, torch.load(path, map_location="cpu", weights_only=False)[PARAM], key)

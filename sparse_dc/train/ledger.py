@@ -6,9 +6,11 @@ fraction of the sparse layers, the LM head included and scaled; see sparse_dc/mo
 `unique_tokens`, `tokens` (U and D in sequence slots, the paper's count), `val_loss`. The rest: the physical
 counts (`active_params_physical`: live parameters but the input embedding; raw totals `*_params_total`, embedding
 included; non-embedding counts), `density_measured` (the live fraction), real (unpadded) token counts,
-`val_loss_paper` (the paper code's estimator), `epochs` (R = D / U), the validation set (`val_tokens`,
-`val_source`: heldout | prefix, `val_from`), block size (null for a dense run), DST method, throughput, wall
-time, config hash, git commit.
+`val_loss_paper` (the paper code's estimator), `effective_active_params` (active_params counted over the live
+sparse weights on a live gradient path only, the ones that can train; `dead_path_params`: the live weights that
+cannot; sparse_dc.sparsity.paths), `epochs` (R = D / U), the validation set (`val_tokens`, `val_source`: heldout |
+prefix, `val_from`), block size (null for a dense run), block topology, DST method and regrowth init, throughput,
+wall time, config hash, git commit.
 
 Appends are one `write()` of a whole line on an O_APPEND descriptor under an exclusive `flock`, so concurrent runs
 sharing a ledger (an array job on one filesystem) never interleave or tear lines. `record_run` appends a finished
@@ -150,9 +152,11 @@ def read_ledger(path: str) -> list[dict[str, Any]]:
 
 def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens_per_s: float, wall_time_s: float,
              steps: int, world_size: int, val_loss_paper: float | None = None,
-             run_id: str | None = None) -> dict[str, Any]:
+             run_id: str | None = None, effective_active_params: int | None = None,
+             dead_path_params: int = 0) -> dict[str, Any]:
     """The ledger row of a finished run. `cfg`: RunConfig; `counts`: ParamCounts; `plan`: BudgetPlan; `run_id`:
-    the identity `record_run` keeps rows unique by (None for a run from before run ids: its name is used)."""
+    the identity `record_run` keeps rows unique by (None for a run from before run ids: its name is used);
+    `effective_active_params`, `dead_path_params`: the DST engine's final stats (None: all active ones)."""
     return {
         "name": cfg.name,
         "run_id": run_id,
@@ -169,6 +173,8 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "dense_params_non_embedding": counts.dense_non_embedding,
         "active_params_non_embedding": counts.active_non_embedding,
         "density_measured": counts.live_fraction,
+        "effective_active_params": counts.law_active if effective_active_params is None else effective_active_params,
+        "dead_path_params": dead_path_params,
         "epochs": plan.total_tokens / plan.unique_tokens,
         "packing": plan.packing,
         "unique_real_tokens": plan.unique_real_tokens,
@@ -179,6 +185,8 @@ def make_row(cfg: Any, counts: Any, plan: Any, *, val_loss: float | None, tokens
         "val_from": plan.val_from,
         "block_size": cfg.sparsity.block_size if cfg.sparsity.sparse else None,
         "dst_method": cfg.sparsity.method if cfg.sparsity.sparse else "dense",
+        "block_topology": cfg.sparsity.block_topology if cfg.sparsity.block_size > 1 else "independent",
+        "regrow_init": cfg.sparsity.regrow_init,
         "model_preset": cfg.model.preset,
         "global_batch": cfg.train.global_batch,
         "steps": steps,

@@ -27,6 +27,7 @@ from sparse_dc.errors import SparseDCError, reporting_disk_full
 from sparse_dc.kernels.ops import resolve_backend, set_default_backend
 from sparse_dc.model import build_model, count_params, flops_per_token
 from sparse_dc.sparsity import AdamDST, DSTEngine, optimizer_state
+from sparse_dc.sparsity.paths import dead_path_warning
 from sparse_dc.train import ledger
 from sparse_dc.train.checkpoint import Checkpointer, ResumeError, StopSignal
 from sparse_dc.train.dist import DistEnv
@@ -122,7 +123,8 @@ class Trainer:
         self.vocab_size = model.vocab_size
         self.counts = count_params(model)
         self.engine = build_engine(cfg, model, denv.world_size, self.total_steps)
-        self.dst = DSTEngine(self.engine.module, cfg.sparsity, self.total_steps, optimizer_state(self.engine))
+        self.dst = DSTEngine(self.engine.module, cfg.sparsity, self.total_steps, optimizer_state(self.engine),
+                             active_params=self.counts.law_active)
         self.checkpointer = Checkpointer(self.run_dir, denv.rank, denv.world_size, self.tc.keep_checkpoints,
                                          self.tc.seed)
         self.step, self.samples, self.train_time, self.wall_time = 0, 0, 0.0, 0.0
@@ -190,6 +192,7 @@ class Trainer:
             with reporting_disk_full(self.run_dir):
                 write_text_atomic(os.path.join(self.run_dir, "config.yaml"), self.cfg.to_yaml())
         self.metrics = self.open_metrics()
+        self.warn_dead_paths(self.dst.stats())
         stop = StopSignal(self.device)
         dataset = TokenBudgetDataset(self.budget, tc.global_batch, tc.micro_batch, denv.rank, denv.world_size,
                                      self.samples)
@@ -265,8 +268,15 @@ class Trainer:
         stats = self.dst.end_step(step)
         if stats is not None:
             self.metrics.log({k: v for k, v in stats.items() if k != "layer_density"}, prefix="dst")
+            self.warn_dead_paths(stats)
         norm = self.engine.get_global_grad_norm()
         return loss, (float(norm) if norm is not None else None)
+
+    def warn_dead_paths(self, stats: dict[str, Any]) -> None:
+        """One line when fewer than 95% of the active parameters lie on a live gradient path."""
+        warning = dead_path_warning(stats, self.counts.law_active)
+        if warning is not None:
+            self.metrics.message(warning)
 
     def forward_backward_step(self, tokens: torch.Tensor, n_tokens: int,
                               loss_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -341,7 +351,8 @@ class Trainer:
         row travels in the final checkpoint, written before the ledger, so a run stopped between the two (a
         kill, a full disk) records it on its next `--resume auto` instead of losing it."""
         val = self.evaluate()
-        record: dict[str, Any] = {"step": self.step, "dst": self.dst.stats() if self.dst.layers else None}
+        stats = self.dst.stats()  # also a dense model's: its dead-path count (0 unless projections are missing)
+        record: dict[str, Any] = {"step": self.step, "dst": stats if self.dst.layers else None}
         if self.tc.verify_replicas:
             digests: list[Any] = [None] * self.denv.world_size
             mine = self.replica_digest()
@@ -357,7 +368,9 @@ class Trainer:
                                           val_loss_paper=self.last_val_paper,
                                           tokens_per_s=self.plan.total_tokens / max(self.train_time, 1e-9),
                                           wall_time_s=self.elapsed(), steps=self.step,
-                                          world_size=self.denv.world_size, run_id=self.run_id)
+                                          world_size=self.denv.world_size, run_id=self.run_id,
+                                          effective_active_params=stats["effective_active_params"],
+                                          dead_path_params=stats["dead_path_params"])
         self.metrics.summary(self.ledger_row)
         if save and self.tc.save_final:
             self.save()

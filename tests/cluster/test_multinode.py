@@ -3,7 +3,6 @@ node with torchrun: `deepspeed --hostfile` over pdsh/ssh, torchrun with --nnodes
 -n 2` (Open MPI) and `deepspeed --launcher openmpi`. Every launcher must end with the reference's losses, bitwise
 (fp32 on CPU: the same world size gives the same arithmetic whatever started the ranks)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +10,12 @@ from pathlib import Path
 import pytest
 
 from daemons import require
-from train_harness import Run, free_port, train_env, write_config
+from train_harness import OPEN_MPI, Run, free_port, train_env, write_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
 TRAIN = ["--module", "sparse_dc.train.cli"]
-# Open MPI as root, on the loopback interface only
-OPEN_MPI = (["--allow-run-as-root"] if os.geteuid() == 0 else []) + [
-    "--oversubscribe", "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"]
 
 
 @pytest.fixture(scope="module")

@@ -86,7 +86,7 @@ def test_make_configs_regenerates_the_committed_files_exactly():
 
 def test_law_plan_writes_a_preset_shaped_runnable_config(tmp_path):
     p = plan(get_form("paper"), PAPER, 2.6e9, 1e20)
-    cfg = training_config(p, "planned", data_dir="data/corpus")
+    cfg = training_config(p, "planned", data_dir="data/corpus", recipe="fast")
     path = tmp_path / "planned.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run = load_config(RunConfig, str(path))

@@ -8,7 +8,10 @@ import pytest
 import yaml
 
 from sparse_dc.cli import main
+from sparse_dc.config.base import load_config
+from sparse_dc.config.run import RunConfig
 from sparse_dc.data.config import DataConfig
+from sparse_dc.launch.presets import paper_lr, recipe_preset
 from sparse_dc.scaling.fit import load_fit
 from sparse_dc.scaling.ledger import write_runs
 from sparse_dc.scaling.optimize import plan, predict_loss
@@ -54,6 +57,29 @@ def test_round_trip_ledger_fit_predict_plan(tmp_path, capsys, train_runs):
     written = yaml.safe_load(cfg.read_text())
     assert written["model"]["preset"] == expected.preset and written["data"]["total_tokens"] == int(expected.tokens)
     DataConfig.from_dict(written["data"]).validate("data")
+
+
+@pytest.mark.parametrize("recipe", [None, "paper", "fast"])
+def test_plan_writes_the_chosen_recipes_preset(tmp_path, capsys, recipe):
+    """--write-config writes the chosen family's preset (paper when --recipe is not given) of the recommended size
+    at the recommended density and budget; the paper family's file carries its document packing and LR rule."""
+    path = tmp_path / "next.yaml"
+    code, out, _ = run(capsys, "plan", "--preset", "paper", "--unique-tokens", "2.6B", "--compute", "1e20", "--json",
+                       "--write-config", str(path), "--name", "next", "--data-dir", "corpus",
+                       *(["--recipe", recipe] if recipe else []))
+    p, family = plan(get_form("paper"), PAPER, 2.6e9, 1e20), recipe or "paper"
+    assert code == 0 and json.loads(out)["preset"] == p.preset and p.density < 1
+    written = yaml.safe_load(path.read_text())
+    assert written == recipe_preset(family, p.preset, round(p.density, 6), data_dir="corpus",
+                                    unique_tokens=int(2.6e9), epochs=None, total_tokens=int(p.tokens), name="next")
+    cfg = load_config(RunConfig, str(path))  # what `sparse-dc train --config next.yaml` validates
+    assert (cfg.model.preset, cfg.data.total_tokens) == (p.preset, int(p.tokens))
+    assert cfg.sparsity.density == pytest.approx(p.density, abs=1e-6)
+    if family == "paper":
+        assert (cfg.data.packing, cfg.sparsity.block_size, cfg.sparsity.regrow_optimizer) == ("document", 1, "adamdst")
+        assert cfg.train.optimizer.lr == paper_lr(p.preset, round(p.density, 6))
+    else:
+        assert (cfg.data.packing, cfg.sparsity.block_size) == ("stream", 64)
 
 
 def test_fit_with_cv_and_joint_stages(tmp_path, capsys, train_runs):

@@ -59,7 +59,7 @@ def test_plan_snaps_to_a_paper_size_and_writes_a_valid_data_section():
     assert all(ratio <= abs(np.log(v / p.optimum["dense_params"])) for v in MODEL_SIZES.values())
     assert 6 * MODEL_SIZES[p.preset] * p.density * p.tokens <= 1e20 and p.tokens % 256 == 0
     assert p.loss_interval[0] <= p.loss <= p.loss_interval[1]
-    cfg = training_config(p, "planned")
+    cfg = training_config(p, "planned", recipe="fast")
     data = DataConfig.from_dict(cfg["data"])
     data.validate("data")
     assert cfg["model"] == {"preset": p.preset} and cfg["sparsity"]["density"] == pytest.approx(p.density, abs=1e-6)

@@ -27,14 +27,17 @@ def mask_hash(engine: DSTEngine) -> list[int]:
             for m in engine.layers.values()]
 
 
-def run_case(stage: int, block_size: int, method: str, ckpt_dir: str, adamdst: bool = False) -> dict:
+def run_case(stage: int, block_size: int, method: str, ckpt_dir: str, adamdst: bool = False,
+             regrow: str = "zero") -> dict:
     """adamdst: the paper recipe's rules (AdamDST, regrowth among units dead after the drop); also records whether
-    every grown unit's per-weight step restarted at regrow_step while the others counted every step."""
+    every grown unit's per-weight step restarted at regrow_step while the others counted every step. regrow:
+    sparsity.regrow_init."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     extra = dict(regrow_optimizer="adamdst", grow_candidates="dead_after_drop") if adamdst else {}
     sparsity = SparsityConfig(density=0.5, block_size=block_size, method=method, update_frequency=2,
-                              prune_rate=0.3, prune_rate_decay="constant", stop_fraction=1.0, seed=7, **extra)
+                              prune_rate=0.3, prune_rate_decay="constant", stop_fraction=1.0, seed=7,
+                              regrow_init=regrow, **extra)
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layers=1), sparsity, vocab_size=32)
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
@@ -79,6 +82,9 @@ def run_case(stage: int, block_size: int, method: str, ckpt_dir: str, adamdst: b
             p = layer.param
             fp32 = safe_get_full_fp32_param(p).reshape(tuple(getattr(p, "ds_shape", p.shape)))
             moments = [safe_get_full_optimizer_state(p, k).reshape(fp32.shape) for k in ("exp_avg", "exp_avg_sq")]
+            if regrow == "normal":  # grown units hold small non-zero values (the same on both ranks), moments 0
+                check_normal_regrowth(out, layer, before[name], new, fp32, moments, stage)
+                continue
             if block_size == 1:
                 reset = before[name] ^ new
             else:
@@ -102,6 +108,25 @@ def run_case(stage: int, block_size: int, method: str, ckpt_dir: str, adamdst: b
                 out["pruned_zero"] &= int(p.detach()[~layer.unit_mask()].count_nonzero()) == 0
     out["live"] = [int(m.unit_mask().sum()) for m in dst.layers.values()]
     return out
+
+
+def check_normal_regrowth(out: dict, layer: SparseLinear, old: torch.Tensor, new: torch.Tensor,
+                          fp32: torch.Tensor, moments: list[torch.Tensor], stage: int) -> None:
+    """regrow_init=normal right after an update: grown units non-zero in the fp32 master (and in the model's copy
+    below ZeRO 3), their moments zero; dropped entries (B = 1) zero."""
+    if layer.block_size == 1:
+        grown, dropped = new & ~old, old & ~new
+        out["reset_zero"] &= int(fp32[dropped].count_nonzero()) == 0 and bool((fp32[grown] != 0).all())
+        where = grown | dropped
+    else:  # the grown blocks' slots: where the layout now reads a block that was dead before
+        layout = layer.layout
+        grown = (new & ~old)[layout.row_idx.long(), layout.col_idx.long()]
+        where = layout.slot.long()[grown]
+        out["reset_zero"] &= where.numel() > 0 and bool((fp32[where].abs().sum((1, 2)) > 0).all())
+    out["reset_zero"] &= all(int(m[where].count_nonzero()) == 0 for m in moments)
+    if stage < 3:
+        out["reset_zero"] &= torch.equal(layer.param.detach().float()[where], fp32[where])
+    out.setdefault("grown_values", []).append(float(fp32[where].abs().sum()))
 
 
 def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -132,8 +157,9 @@ def run_exact_case() -> dict:
     """One RigL update at step 1 over 2 micro-batches per rank (each rank its own data): is each layer's grown
     set the top of ‖Σ over both ranks' micro-batches of dL/dW‖_F (exact), and would the sum of norms differ?"""
     b = 16
+    # independent masks: the grown set is then exactly the top of the scores (no line rule in between)
     sparsity = SparsityConfig(density=0.5, block_size=b, method="rigl", update_frequency=1, prune_rate=0.3,
-                              prune_rate_decay="constant", stop_fraction=1.0, seed=7)
+                              prune_rate_decay="constant", stop_fraction=1.0, seed=7, block_topology="independent")
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layers=1), sparsity, vocab_size=32)
     rank = dist.get_rank()
@@ -174,12 +200,13 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     results = {}
     for stage in (1, 2, 3):
-        for block_size, method, adamdst in ((1, "rigl", False), (32, "rigl", False), (32, "set", False),
-                                            (1, "set", True)):
-            key = f"zero{stage}-B{block_size}-{method}" + ("-adamdst" if adamdst else "")
+        for block_size, method, variant in ((1, "rigl", ""), (32, "rigl", ""), (32, "set", ""), (1, "set", "adamdst"),
+                                            (1, "set", "normal"), (32, "set", "normal")):
+            key = f"zero{stage}-B{block_size}-{method}" + (f"-{variant}" if variant else "")
             if len(sys.argv) > 2 and key not in sys.argv[2:]:
                 continue
-            results[key] = run_case(stage, block_size, method, os.path.join(result_dir, f"ckpt-{key}"), adamdst)
+            results[key] = run_case(stage, block_size, method, os.path.join(result_dir, f"ckpt-{key}"),
+                                    adamdst=variant == "adamdst", regrow="normal" if variant == "normal" else "zero")
     if len(sys.argv) <= 2 or "rigl-exact" in sys.argv[2:]:
         results["rigl-exact"] = run_exact_case()
     with open(os.path.join(result_dir, f"rank{dist.get_rank()}.json"), "w") as fh:

@@ -42,11 +42,18 @@ def test_export_writes_dense_llama_weights(exported):
     assert len(tensors) == 3 + 2 * 9  # embed, norm, head + per layer 2 norms and 7 projections
     ours = load_model(*resolve_checkpoint(str(run.dir)))
     assert torch.equal(tensors["model.layers.1.mlp.down_proj.weight"], ours.layers[1].mlp.down.dense_weight())
-    # HF's rope permutation moves q rows only within a head, so the block pattern survives: nonzeros only in live
-    # blocks (a regrown block can still be all zero: zero re-init, and no gradient while its head's v is dead)
+    # HF's rope permutation moves q rows only within a head, so the block pattern survives: nonzeros exactly in the
+    # live blocks (the path-aware topology leaves no live block without a gradient, so none stays all zero)
     q, mask = tensors["model.layers.0.self_attn.q_proj.weight"], ours.layers[0].attn.q.unit_mask()
     live = q.reshape(2, 32, 2, 32).ne(0).any(3).any(1)
-    assert q.shape == (64, 64) and mask.float().mean() == 0.5 and not (live & ~mask).any()
+    assert q.shape == (64, 64) and mask.float().mean() == 0.5 and torch.equal(live, mask)
+    for i, layer in enumerate(ours.layers):
+        for kind, hf_name in (("v", "self_attn.v_proj"), ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"),
+                              ("up", "mlp.up_proj"), ("down", "mlp.down_proj")):
+            module = getattr(layer.attn if kind in ("v", "o") else layer.mlp, kind)
+            w = tensors[f"model.layers.{i}.{hf_name}.weight"]
+            blocks = w.reshape(w.shape[0] // 32, 32, w.shape[1] // 32, 32).ne(0).any(3).any(1)
+            assert torch.equal(blocks, module.unit_mask()), (i, kind)
 
 
 def test_transformers_logits_match(exported):

@@ -19,7 +19,8 @@ import torch
 import yaml
 
 from sparse_dc.train.ledger import read_ledger
-from train_harness import (TOTAL_STEPS, Run, check_ok, run_train, start_train, train_command, train_env,
+from sparse_dc.train.runguard import STATUS_ENV
+from train_harness import (OPEN_MPI, TOTAL_STEPS, Run, check_ok, run_train, start_train, train_command, train_env,
                            wait_for_step, write_config)
 
 pytestmark = pytest.mark.slow
@@ -219,6 +220,23 @@ def test_user_error_reaches_the_screen_once_under_torchrun_and_srun(prepared_dat
         else:  # torchrun: in its failure summary, as the root cause
             root = screen[screen.index("Root Cause"):]
             assert message in root and "exitcode  : 2" in root
+
+
+def test_config_error_reaches_the_screen_once_under_mpirun(tmp_path):
+    """Raised on both ranks before any rendezvous: each rank must know its rank from mpirun's own variables
+    (OMPI_COMM_WORLD_*) already then, or both report it as rank 0 (and both write the status file)."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None or "Open MPI" not in subprocess.run([mpirun, "--version"], capture_output=True,
+                                                          text=True).stdout:
+        pytest.skip("needs Open MPI's mpirun (apt-get install openmpi-bin)")
+    status = tmp_path / "status.json"
+    proc = subprocess.run([mpirun, "-n", "2", *OPEN_MPI, sys.executable, "-m", "sparse_dc.train.cli", "--config",
+                           str(REPO / "launch" / "configs" / "tiny.yaml"), "train.micro_batch=-1"],
+                          env={**train_env(tmp_path), STATUS_ENV: str(status)}, capture_output=True, text=True,
+                          timeout=120)
+    message = "sparse-dc train: error: train.micro_batch=-1: expected an integer >= 1"
+    assert proc.returncode == 2 and (proc.stdout + proc.stderr).count(message) == 1, proc.stdout + proc.stderr
+    assert json.loads(status.read_text())["state"] == "failed"
 
 
 def _fake_slurm(bin_dir: Path, log: Path) -> None:

@@ -81,6 +81,7 @@ def test_resume_on_another_world_size_matches_the_uninterrupted_run(zero_run, pr
     val = [[r["val_loss"] for r in run.records if r["kind"] == "eval"][-1] for run in (reference, resumed)]
     assert val[1] == pytest.approx(val[0], rel=REL, abs=0)
     assert resumed.final()["dst"] == reference.final()["dst"]  # same topology decisions, same ever-active units
+    assert resumed.final()["dst"]["dead_path_params"] == 0  # block runs: the path-aware topology held throughout
 
     want, have = consolidated(reference.dir, TOTAL_STEPS), consolidated(resumed.dir, TOTAL_STEPS)
     assert want.keys() == have.keys()

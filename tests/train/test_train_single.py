@@ -10,7 +10,8 @@ import pytest
 
 from sparse_dc.train.config import ScheduleConfig
 from sparse_dc.errors import SparseDCError
-from sparse_dc.train.dist import DistEnv, first_slurm_host, setup_env
+from sparse_dc.train.dist import DistEnv, first_slurm_host, launch_rank, setup_env
+from sparse_dc.train.ledger import read_ledger
 from train_harness import Run, run_train, start_train, wait_for_step, write_config
 
 
@@ -41,6 +42,24 @@ def test_nan_loss_stops_with_a_clear_message(prepared_data, tmp_path):
     assert run.proc.returncode == 2
     line = run.proc.stderr.strip().splitlines()[-1]
     assert line.startswith("sparse-dc train: error: loss is") and "no checkpoint was saved yet" in line
+
+
+@pytest.mark.slow
+def test_dead_gradient_paths_warn_and_reach_the_ledger(prepared_data, tmp_path):
+    """Independent 16x16 block masks at density 0.125 leave live blocks on dead paths: one warning line at start
+    and at updates, and the ledger's effective_active_params falls short of active_params by the final count."""
+    config = write_config(tmp_path, prepared_data, "dead-paths", "block", 1, eval_interval=0)
+    run = run_train(tmp_path, config, 1, "sparsity.block_topology=independent", "sparsity.block_size=16",
+                    "sparsity.density=0.125")
+    assert run.proc.returncode == 0, run.proc.stderr[-3000:]
+    warnings = [line for line in run.proc.stdout.splitlines() if "dead gradient path" in line]
+    assert warnings[0].startswith("WARNING: step 0: ") and "effective_active_params=" in warnings[0]
+    assert len(warnings) >= 2 and all(w.startswith("WARNING: step ") for w in warnings)
+    (row,) = read_ledger(str(tmp_path / "ledger.jsonl"))
+    final = run.final()["dst"]
+    assert row["dead_path_params"] == final["dead_path_params"] > 0
+    assert row["effective_active_params"] == final["effective_active_params"] < 0.95 * row["active_params"]
+    assert row["block_topology"] == "independent" and row["regrow_init"] == "zero"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -91,6 +110,30 @@ def test_rendezvous_env_under_mpi_launchers():
     pmi2 = {"PMI_RANK": "3", "PMI_SIZE": "8", "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3",
             "SLURM_JOB_NODELIST": "gpu1"}
     assert setup_env(pmi2) == DistEnv(3, 3, 8, "slurm")
+
+
+def test_the_rank_that_reports_errors_is_the_rendezvous_rank():
+    """`sparse-dc train` decides which rank reports a user error before the rendezvous: the rank setup_env will
+    give under every launcher (mpirun's ranks all used to think they were rank 0), read without changing the
+    environment, also when setup_env refuses the launcher's variables."""
+    launchers = {
+        "mpirun": ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                    "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 1),
+        "hydra": ({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4",
+                   "MASTER_ADDR": "n1"}, 5),
+        "srun": ({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "g[1-2]"}, 3),
+        "torchrun": ({"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 2),
+        "plain": ({}, 0),
+    }
+    for name, (env, rank) in launchers.items():
+        before = dict(env)
+        assert launch_rank(env) == rank == setup_env(dict(env)).rank, name
+        assert env == before, name
+    over_nodes = {"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+                  "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}  # refused: no MASTER_ADDR; the error is rank 0's to report
+    with pytest.raises(SparseDCError, match="MASTER_ADDR"):
+        setup_env(dict(over_nodes))
+    assert launch_rank(over_nodes) == 6
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():

@@ -49,6 +49,9 @@ def test_zero_run_trains_and_agrees(zero_run, stage, sparsity):
     assert row["unique_tokens"] == 4096 and row["tokens"] == 390 * 32 and row["epochs"] == 390 * 32 / 4096
     assert row["zero_stage"] == stage and row["world_size"] == 2 and row["steps"] == TOTAL_STEPS
     assert row["dst_method"] == cfg.sparsity.method and row["tokens_per_s"] > 0
+    # every live weight on a live gradient path (block topology: path-aware by default), so no warning either
+    assert row["effective_active_params"] == row["active_params"] and final["dst"]["dead_path_params"] == 0
+    assert "dead gradient path" not in run.proc.stdout
     assert row["config_hash"] == cfg.fingerprint() and len(row["git_commit"] or "x" * 40) == 40
     assert (run.dir / "checkpoints" / f"step_{TOTAL_STEPS:08d}" / "COMPLETE").is_file()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run.dir / "tensorboard"))

@@ -94,6 +94,11 @@ def train_env(tmp_path: Path) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1"}
 
 
+# Open MPI's mpirun flags for ranks on this machine: as root too, over the loopback interface only
+OPEN_MPI = (["--allow-run-as-root"] if os.geteuid() == 0 else []) + [
+    "--oversubscribe", "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
