@@ -79,7 +79,7 @@ def build_model(model_cfg: ModelConfig, sparsity_cfg: SparsityConfig, vocab_size
     sparsity.seed, identical on every rank; sparse_dc.sparsity.paths draws it). Dense weights draw from torch's
     global RNG: seed it first."""
     from sparse_dc.model.llama import Llama, dense_linear
-    from sparse_dc.sparsity.layer import SparseLinear  # imports the kernels only when a model is built
+    from sparse_dc.sparsity.layer import sparse_linear  # imports the kernels only when a model is built
     from sparse_dc.sparsity.paths import initial_masks
 
     shape = model_shape(model_cfg, sparsity_cfg)
@@ -90,7 +90,7 @@ def build_model(model_cfg: ModelConfig, sparsity_cfg: SparsityConfig, vocab_size
     def factory(name: str, in_features: int, out_features: int, std: float):
         if name not in masks:
             return dense_linear(name, in_features, out_features, std)
-        return SparseLinear(in_features, out_features, sparsity_cfg.block_size, masks[name], std)
+        return sparse_linear(in_features, out_features, sparsity_cfg.block_size, masks[name], std)
 
     return Llama(model_cfg, shape, resolve_vocab(model_cfg, vocab_size), factory)
 

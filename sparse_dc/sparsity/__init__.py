@@ -7,7 +7,7 @@ import importlib
 
 _EXPORTS = {
     "SparsityConfig": "config",
-    "SparseLinear": "layer",
+    "SparseLinear": "layer", "MaskedLinear": "layer", "BlockSparseLinear": "layer", "sparse_linear": "layer",
     "DSTEngine": "dst",
     "optimizer_state": "optim_state", "OptimizerState": "optim_state", "TorchOptimizerState": "optim_state",
     "AdamDST": "adamdst",

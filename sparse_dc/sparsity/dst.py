@@ -46,19 +46,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _with_revived(layer: SparseLinear, reset: torch.Tensor, revived: torch.Tensor) -> torch.Tensor:
-    """`set_topology`'s reset plus the units dropped and grown back in the same update (grow_candidates=
-    "dead_after_drop"), which it cannot see (live before and after) but which restart at 0 like any grown unit."""
-    if not bool(revived.any()):
-        return reset
-    if layer.block_size == 1:
-        return reset | revived.to(reset.device)
-    layout = layer.layout  # a revived block keeps its slot: look it up in the new layout
-    slots = torch.full(layout.block_shape, -1, dtype=torch.long, device=layout.device)
-    slots[layout.row_idx.long(), layout.col_idx.long()] = layout.slot.long()
-    return torch.cat([reset, slots[revived.to(layout.device)].to(reset.device)])
-
-
 class DSTEngine:
     def __init__(self, model: nn.Module, cfg: SparsityConfig, total_steps: int,
                  state: OptimizerState | None = None, active_params: int | None = None):
@@ -121,14 +108,14 @@ class DSTEngine:
                 new, grown = code > 0, code == 2
             if name in self.sites:  # from the broadcast decision, so every rank locks the same lines
                 paths.record(name, old, new, grown)
-            reset = _with_revived(layer, layer.set_topology(new), grown & old)
+            reset = layer.with_revived(layer.set_topology(new), grown & old)
             # B = 1: zero the dropped entries in the weight; blocks: zero the grown slots' values (or give grown
             # units their regrow_init values). Moments of both reset, so the optimizer neither moves a pruned
             # weight nor carries stale momentum into a regrown one.
             self.state.zero_entries(layer.param, reset, fill=self._regrown_values(layer, grown, reset, step, index))
             if self.cfg.regrow_optimizer == "adamdst":  # regrown weights restart their per-weight step count
-                restart = grown.to(reset.device) if layer.block_size == 1 else reset
-                self.state.fill_state(layer.param, restart, ELEMENT_STEP, float(self.cfg.regrow_step))
+                self.state.fill_state(layer.param, layer.grown_entries(grown, reset), ELEMENT_STEP,
+                                      float(self.cfg.regrow_step))
             changed = int((old & ~new).sum())
             self.last_changed[name] = changed / max(1, int(old.sum()))
             self.ever_active[name] |= new.cpu()
@@ -142,11 +129,7 @@ class DSTEngine:
         if self.cfg.regrow_init == "zero":
             return None
         gen = keyed_generator("regrow", self.cfg.seed, step, index)
-        std = self.cfg.regrow_init_scale * layer.init_std
-        if layer.block_size == 1:
-            at_grown = grown[reset.to(grown.device)].cpu()  # reset = dropped | grown entries
-            return torch.randn(at_grown.shape, generator=gen) * std * at_grown
-        return torch.randn(reset.numel(), layer.block_size, layer.block_size, generator=gen) * std
+        return layer.regrown_values(grown, reset, gen, self.cfg.regrow_init_scale * layer.init_std)
 
     def _grow_score(self, layer: SparseLinear, step: int, index: int) -> torch.Tensor:
         shape = layer.unit_mask().shape

@@ -1,11 +1,12 @@
-"""SparseLinear: a bias-free linear layer y = x Wᵀ whose W (out x in) is sparse at one of two granularities.
+"""Sparse linear layers: a bias-free y = x Wᵀ whose W (out x in) is sparse at one of two granularities, one class
+each behind the `SparseLinear` protocol (what the DST engine, export and the parameter counts use):
 
-- block (B >= 16): the only parameter is `values[nnz, B, B]`; the topology is a BlockLayout whose int32 CSR
-  tensors (row_ptr, col_idx, slot) are buffers, so checkpoints carry them. Forward goes through the kernels.
+- `BlockSparseLinear` (B >= 16): the only parameter is `values[nnz, B, B]`; the topology is a BlockLayout whose
+  int32 CSR tensors (row_ptr, col_idx, slot) are buffers, so checkpoints carry them. Forward goes through the kernels.
   Weight, gradient and optimizer memory scale with density. A topology change keeps nnz, so `values` never
   changes shape: surviving blocks keep their slot and only the slots of grown blocks are reset.
-- unstructured (B = 1): a dense `weight` with a {0,1} `mask` buffer. Invariant: pruned entries of the weight are
-  exactly 0. The forward masks the weight's *gradient* in backward (an identity autograd node on the weight), so
+- `MaskedLinear` (B = 1, unstructured): a dense `weight` with a {0,1} `mask` buffer. Invariant: pruned entries of
+  the weight are exactly 0. The forward masks the weight's *gradient* in backward (an identity autograd node on the weight), so
   Adam moments of pruned entries stay 0 and the optimizer never moves them: no `apply_masks()` call is needed
   after the optimizer step. A topology update zeroes dropped entries and their moments. The forward multiplies by
   the weight itself, so the gradient reaching that node is the dense one RigL scores.
@@ -85,6 +86,14 @@ class _MaskGrad(torch.autograd.Function):
 
 
 class SparseLinear(nn.Module):
+    """What every sparse layer offers the DST engine, export and the parameter counts: a bias-free y = x Wᵀ with W
+    (out x in) live on the units of `unit_mask()`. One subclass per granularity, `MaskedLinear` (B = 1) and
+    `BlockSparseLinear` (B >= 16); `sparse_linear` builds the one a block size asks for.
+
+    The parameter's reset index (what `set_topology`, `with_revived` and `grown_entries` return, and what the
+    optimizer-state accessor's `zero_entries`/`fill_state` take) is the subclass's own: a bool mask over `weight`
+    (B = 1) or long slot indices into `values`' first dim (blocks)."""
+
     def __init__(self, in_features: int, out_features: int, block_size: int, mask: torch.Tensor, std: float):
         """`mask`: bool [out / B, in / B] initial topology; live weights are drawn from normal(0, std)."""
         super().__init__()
@@ -98,22 +107,138 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features, self.block_size = in_features, out_features, b
         self.init_std = std  # regrow_init=normal draws regrown weights at a fraction of it
         self._scores: GrowCapture | None = None  # RigL growth evidence, only while armed
-        if b == 1:
-            weight = torch.randn(out_features, in_features) * std
-            self.weight = nn.Parameter(weight * mask)
-            self.register_buffer("mask", mask.clone())
-        else:
-            layout = BlockLayout.from_block_mask(mask, b)
-            self.values = nn.Parameter(torch.randn(layout.nnz, b, b) * std)
-            for name, tensor in layout.state_tensors().items():  # row_ptr, col_idx, slot: int32
-                self.register_buffer(name, tensor)
-            self._layout, self._layout_key = layout, self._buffer_key()
 
-    # --- topology ---------------------------------------------------------------------------------------
+    # --- what each granularity defines --------------------------------------------------------------------
     @property
     def param(self) -> nn.Parameter:
-        """The trainable tensor: `weight` (B = 1) or `values` (block)."""
-        return self.weight if self.block_size == 1 else self.values
+        """The trainable tensor (`weight` or `values`)."""
+        raise NotImplementedError
+
+    @property
+    def active_numel(self) -> int:
+        """Live weights."""
+        raise NotImplementedError
+
+    def unit_mask(self) -> torch.Tensor:
+        """bool [out / B, in / B]: which entries (B = 1) or blocks are live."""
+        raise NotImplementedError
+
+    def unit_magnitude(self, param: torch.Tensor) -> torch.Tensor:
+        """float32 [out / B, in / B] magnitudes of a full copy of `param` (0 at dead units)."""
+        raise NotImplementedError
+
+    def set_topology(self, new_mask: torch.Tensor) -> torch.Tensor:
+        """Install `new_mask` (same number of live units); returns the reset index where the parameter and its
+        moments must be reset. Does not touch the parameter itself."""
+        raise NotImplementedError
+
+    def with_revived(self, reset: torch.Tensor, revived: torch.Tensor) -> torch.Tensor:
+        """`reset` plus the units dropped and grown back in the same update (bool [out / B, in / B]), which
+        `set_topology` cannot see (live before and after) but which restart at 0 like any grown unit."""
+        raise NotImplementedError
+
+    def grown_entries(self, grown: torch.Tensor, reset: torch.Tensor) -> torch.Tensor:
+        """The reset index of the grown units alone (`grown`: bool [out / B, in / B]; `reset`: with_revived's)."""
+        raise NotImplementedError
+
+    def regrown_values(self, grown: torch.Tensor, reset: torch.Tensor, generator: torch.Generator,
+                       std: float) -> torch.Tensor:
+        """Values to write at `reset`: normal(0, std) at grown units, 0 at dropped ones (CPU, from `generator`)."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> torch.Tensor:
+        """[out, in] dense view of the weight (tests, export)."""
+        raise NotImplementedError
+
+    def _new_capture(self, mask: torch.Tensor, mode: RiglScores, device: torch.device) -> GrowCapture:
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------------------------
+    @property
+    def dense_numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def arm_scores(self, armed: bool, mode: RiglScores = "exact") -> None:
+        """Start (True) or stop (False) accumulating RigL growth evidence over the following backward passes.
+        `mode` applies to blocks (module docstring); B = 1 is always exact. Call with the topology that the
+        update will start from: the dead blocks are listed now."""
+        if mode not in get_args(RiglScores):
+            raise ValueError(f"mode={mode!r}: expected one of {get_args(RiglScores)}")
+        self._scores = self._new_capture(self.unit_mask(), mode, self.param.device) if armed else None
+
+    def take_scores(self) -> GrowCapture | None:
+        """The evidence accumulated since `arm_scores(True)` (None if not armed), disarming capture. The caller
+        sums `.acc` over ranks, then calls `.scores()`."""
+        scores, self._scores = self._scores, None
+        return scores
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
+                f"density={self.active_numel / self.dense_numel:.4f}")
+
+
+class MaskedLinear(SparseLinear):
+    """Unstructured sparsity (B = 1, the paper's): a dense `weight` times a {0, 1} `mask` buffer (module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor, std: float):
+        super().__init__(in_features, out_features, 1, mask, std)
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) * std * mask)
+        self.register_buffer("mask", mask.clone())
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.weight
+
+    @property
+    def active_numel(self) -> int:
+        return int(self.mask.sum())
+
+    def unit_mask(self) -> torch.Tensor:
+        return self.mask
+
+    def unit_magnitude(self, param: torch.Tensor) -> torch.Tensor:
+        return param.float().abs() * self.mask  # |w|
+
+    @torch.no_grad()
+    def set_topology(self, new_mask: torch.Tensor) -> torch.Tensor:
+        """Returns a bool mask over `weight`: the dropped and the grown entries."""
+        new_mask = new_mask.to(self.mask.device)
+        old = _checked_count(self.mask.clone(), new_mask)
+        self.mask.copy_(new_mask)
+        return old ^ new_mask
+
+    def with_revived(self, reset: torch.Tensor, revived: torch.Tensor) -> torch.Tensor:
+        return reset | revived.to(reset.device)
+
+    def grown_entries(self, grown: torch.Tensor, reset: torch.Tensor) -> torch.Tensor:
+        return grown.to(reset.device)
+
+    def regrown_values(self, grown: torch.Tensor, reset: torch.Tensor, generator: torch.Generator,
+                       std: float) -> torch.Tensor:
+        at_grown = grown[reset.to(grown.device)].cpu()  # reset = dropped | grown entries
+        return torch.randn(at_grown.shape, generator=generator) * std * at_grown
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def _new_capture(self, mask: torch.Tensor, mode: RiglScores, device: torch.device) -> GrowCapture:
+        # always exact; the mask's shape is the weight's (the parameter is a placeholder under ZeRO 3)
+        return GrowCapture(torch.zeros(mask.shape, device=device), tuple(mask.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _MaskGrad.apply(self.weight, self))
+
+
+class BlockSparseLinear(SparseLinear):
+    """Block sparsity (B >= 16): `values[nnz, B, B]` and a BlockLayout over int32 buffers (module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, block_size: int, mask: torch.Tensor, std: float):
+        super().__init__(in_features, out_features, block_size, mask, std)
+        layout = BlockLayout.from_block_mask(mask, block_size)
+        self.values = nn.Parameter(torch.randn(layout.nnz, block_size, block_size) * std)
+        for name, tensor in layout.state_tensors().items():  # row_ptr, col_idx, slot: int32
+            self.register_buffer(name, tensor)
+        self._layout, self._layout_key = layout, self._buffer_key()
 
     def _buffer_key(self) -> tuple[int, ...]:
         # identity + in-place version of the layout buffers: changes on .to(), load_state_dict and copy_()
@@ -130,26 +255,19 @@ class SparseLinear(nn.Module):
             self._layout_key = key
         return self._layout
 
-    def unit_mask(self) -> torch.Tensor:
-        """bool [out / B, in / B]: which entries (B = 1) or blocks are live."""
-        return self.mask if self.block_size == 1 else self.layout.block_mask()
-
     @property
-    def dense_numel(self) -> int:
-        return self.out_features * self.in_features
+    def param(self) -> nn.Parameter:
+        return self.values
 
     @property
     def active_numel(self) -> int:
-        if self.block_size == 1:
-            return int(self.mask.sum())
         return int(self.col_idx.numel()) * self.block_size ** 2
 
+    def unit_mask(self) -> torch.Tensor:
+        return self.layout.block_mask()
+
     def unit_magnitude(self, param: torch.Tensor) -> torch.Tensor:
-        """float32 [out / B, in / B] magnitudes of a full copy of `param`: |w| or per-block Frobenius norms
-        (0 at dead units)."""
-        if self.block_size == 1:
-            return param.float().abs() * self.mask
-        norms = param.float().pow(2).sum((1, 2)).sqrt()  # [nnz], indexed by slot
+        norms = param.float().pow(2).sum((1, 2)).sqrt()  # per-block Frobenius norms [nnz], indexed by slot
         layout = self.layout
         out = torch.zeros(layout.block_shape, device=layout.device)
         norms = norms.to(layout.device)
@@ -158,48 +276,38 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def set_topology(self, new_mask: torch.Tensor) -> torch.Tensor:
-        """Install `new_mask` (same number of live units). Returns where the parameter and its moments must be
-        reset to 0: a bool mask over `weight` (dropped | grown entries) for B = 1, or the grown slots (long
-        indices into `values`' first dim) for blocks. Does not touch the parameter itself."""
-        new_mask = new_mask.to(self.unit_mask().device)
-        old = self.unit_mask().clone()  # B = 1: the mask buffer itself, overwritten below
-        if int(new_mask.sum()) != int(old.sum()):
-            raise ValueError(f"Expected {int(old.sum())} live units in the new topology. Got {int(new_mask.sum())}.")
-        if self.block_size == 1:
-            self.mask.copy_(new_mask)
-            return old ^ new_mask
+        """Returns the grown slots: long indices into `values`' first dim (surviving blocks keep theirs)."""
+        new_mask = new_mask.to(self.row_ptr.device)
+        _checked_count(self.unit_mask(), new_mask)
         layout, grown_slots = self.layout.with_mask(new_mask)
         for name in ("row_ptr", "col_idx", "slot"):
             getattr(self, name).copy_(getattr(layout, name))  # in place: the nnz and so the shapes are unchanged
         return grown_slots.to(self.values.device).long()
 
+    def with_revived(self, reset: torch.Tensor, revived: torch.Tensor) -> torch.Tensor:
+        if not bool(revived.any()):
+            return reset
+        layout = self.layout  # a revived block keeps its slot: look it up in the new layout
+        slots = torch.full(layout.block_shape, -1, dtype=torch.long, device=layout.device)
+        slots[layout.row_idx.long(), layout.col_idx.long()] = layout.slot.long()
+        return torch.cat([reset, slots[revived.to(layout.device)].to(reset.device)])
+
+    def grown_entries(self, grown: torch.Tensor, reset: torch.Tensor) -> torch.Tensor:
+        return reset  # only grown (and revived) blocks are reset
+
+    def regrown_values(self, grown: torch.Tensor, reset: torch.Tensor, generator: torch.Generator,
+                       std: float) -> torch.Tensor:
+        return torch.randn(reset.numel(), self.block_size, self.block_size, generator=generator) * std
+
     def dense_weight(self) -> torch.Tensor:
-        """[out, in] dense view of the weight (tests, export); for blocks this materialises the matrix."""
-        return self.weight * self.mask if self.block_size == 1 else self.layout.to_dense(self.values)
+        return self.layout.to_dense(self.values)  # materialises the matrix
 
-    # --- RigL score capture -----------------------------------------------------------------------------
-    def arm_scores(self, armed: bool, mode: RiglScores = "exact") -> None:
-        """Start (True) or stop (False) accumulating RigL growth evidence over the following backward passes.
-        `mode` applies to blocks (module docstring); B = 1 is always exact. Call with the topology that the
-        update will start from: the dead blocks are listed now."""
-        if mode not in get_args(RiglScores):
-            raise ValueError(f"mode={mode!r}: expected one of {get_args(RiglScores)}")
-        self._scores = None
-        if not armed:
-            return
-        mask, dev = self.unit_mask(), self.param.device
-        if self.block_size > 1 and mode == "exact":
-            rows, cols = (~mask).nonzero(as_tuple=True)  # row-major: blocks of a row share dY in the kernel
-            acc = torch.zeros(rows.numel(), self.block_size, self.block_size, device=dev)
-            self._scores = GrowCapture(acc, tuple(mask.shape), rows.to(dev, torch.int32), cols.to(dev, torch.int32))
-        else:  # B = 1: the mask's shape is the weight's (the parameter is a placeholder under ZeRO 3)
-            self._scores = GrowCapture(torch.zeros(mask.shape, device=dev), tuple(mask.shape))
-
-    def take_scores(self) -> GrowCapture | None:
-        """The evidence accumulated since `arm_scores(True)` (None if not armed), disarming capture. The caller
-        sums `.acc` over ranks, then calls `.scores()`."""
-        scores, self._scores = self._scores, None
-        return scores
+    def _new_capture(self, mask: torch.Tensor, mode: RiglScores, device: torch.device) -> GrowCapture:
+        if mode != "exact":  # norm_sum: per-block norms of each backward
+            return GrowCapture(torch.zeros(mask.shape, device=device), tuple(mask.shape))
+        rows, cols = (~mask).nonzero(as_tuple=True)  # row-major: blocks of a row share dY in the kernel
+        acc = torch.zeros(rows.numel(), self.block_size, self.block_size, device=device)
+        return GrowCapture(acc, tuple(mask.shape), rows.to(device, torch.int32), cols.to(device, torch.int32))
 
     def _capture_hook(self, x: torch.Tensor, layout: BlockLayout) -> Callable[[torch.Tensor], None]:
         """A hook on y that adds this backward's evidence into the armed capture; it observes dy only."""
@@ -215,8 +323,6 @@ class SparseLinear(nn.Module):
         return accumulate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.block_size == 1:
-            return F.linear(x, _MaskGrad.apply(self.weight, self))
         layout = self.layout
         x2 = x.reshape(-1, self.in_features)
         y = block_sparse_linear(x2, self.values, layout)
@@ -224,6 +330,17 @@ class SparseLinear(nn.Module):
             y.register_hook(self._capture_hook(x2, layout))
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
-                f"density={self.active_numel / self.dense_numel:.4f}")
+
+def _checked_count(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`old`, after checking that `new` has as many live units (a topology update never changes the count)."""
+    if int(new.sum()) != int(old.sum()):
+        raise ValueError(f"Expected {int(old.sum())} live units in the new topology. Got {int(new.sum())}.")
+    return old
+
+
+def sparse_linear(in_features: int, out_features: int, block_size: int, mask: torch.Tensor,
+                  std: float) -> SparseLinear:
+    """The sparse layer for `block_size`: MaskedLinear (1) or BlockSparseLinear (16, 32, 64, 128)."""
+    if block_size == 1:
+        return MaskedLinear(in_features, out_features, mask, std)
+    return BlockSparseLinear(in_features, out_features, block_size, mask, std)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparse_dc.model import ModelConfig, build_model
-from sparse_dc.sparsity import DSTEngine, SparseLinear, SparsityConfig, optimizer_state
+from sparse_dc.sparsity import DSTEngine, SparseLinear, SparsityConfig, optimizer_state, sparse_linear
 from sparse_dc.sparsity.topology import prune_rate_at, random_mask
 
 
@@ -15,7 +15,7 @@ def _layer(block_size: int, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     units = (128 // block_size) * (64 // block_size)
     mask = random_mask(128 // block_size, 64 // block_size, units // 2, torch.Generator().manual_seed(seed))
-    return nn.Sequential(SparseLinear(64, 128, block_size, mask, std=0.1))
+    return nn.Sequential(sparse_linear(64, 128, block_size, mask, std=0.1))
 
 
 def _cfg(method: str, **kw) -> SparsityConfig:

@@ -3,7 +3,7 @@ layout buffers round-trip through state_dict."""
 import pytest
 import torch
 
-from sparse_dc.sparsity.layer import SparseLinear
+from sparse_dc.sparsity.layer import SparseLinear, sparse_linear
 from sparse_dc.sparsity.topology import random_mask
 
 B = 32
@@ -13,9 +13,9 @@ def _pair(seed: int = 0) -> tuple[SparseLinear, SparseLinear, torch.Tensor]:
     """A block layer (B = 32) and an unstructured layer with the block mask expanded to entries, same weights."""
     g = torch.Generator().manual_seed(seed)
     block_mask = random_mask(3, 2, 3, g)  # 96 out x 64 in, 3 of 6 blocks live
-    block = SparseLinear(64, 96, B, block_mask, std=0.1)
+    block = sparse_linear(64, 96, B, block_mask, std=0.1)
     entry_mask = block_mask.repeat_interleave(B, 0).repeat_interleave(B, 1)
-    flat = SparseLinear(64, 96, 1, entry_mask, std=0.1)
+    flat = sparse_linear(64, 96, 1, entry_mask, std=0.1)
     with torch.no_grad():
         flat.weight.copy_(block.dense_weight())
     return block, flat, entry_mask
@@ -43,7 +43,7 @@ def test_block_and_unstructured_paths_agree(backend, monkeypatch):
 def test_masked_weights_stay_zero_after_optimizer_steps(block_size):
     torch.manual_seed(0)
     mask = random_mask(96 // block_size, 64 // block_size, (96 * 64) // block_size ** 2 // 4, torch.Generator())
-    layer = SparseLinear(64, 96, block_size, mask, std=0.1)
+    layer = sparse_linear(64, 96, block_size, mask, std=0.1)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
     dead = ~layer.unit_mask().repeat_interleave(block_size, 0).repeat_interleave(block_size, 1)
     for _ in range(5):
@@ -93,9 +93,9 @@ def test_set_topology_keeps_surviving_slots_and_reports_grown():
 
 def test_bad_shapes_rejected():
     with pytest.raises(ValueError, match="block_size=32 to divide"):
-        SparseLinear(48, 64, 32, torch.ones(2, 1, dtype=torch.bool), 0.02)
+        sparse_linear(48, 64, 32, torch.ones(2, 1, dtype=torch.bool), 0.02)
     with pytest.raises(ValueError, match=r"Expected a bool mask of shape \(2, 2\)"):
-        SparseLinear(64, 64, 32, torch.ones(2, 3, dtype=torch.bool), 0.02)
+        sparse_linear(64, 64, 32, torch.ones(2, 3, dtype=torch.bool), 0.02)
 
 
 def test_gradient_masking_survives_deepcopy():
@@ -106,3 +106,22 @@ def test_gradient_masking_survives_deepcopy():
     clone(torch.randn(3, 64)).sum().backward()
     assert torch.count_nonzero(clone.weight.grad[~entry_mask]) == 0
     assert torch.count_nonzero(clone.weight.grad[entry_mask]) > 0
+
+
+def test_both_layers_implement_the_whole_protocol():
+    """Every method the protocol leaves to a granularity is defined by both classes; the factory picks by B."""
+    import inspect
+
+    from sparse_dc.sparsity.layer import BlockSparseLinear, MaskedLinear
+
+    required = [name for name, member in vars(SparseLinear).items()
+                if (inspect.isfunction(member) or isinstance(member, property))
+                and "raise NotImplementedError" in inspect.getsource(member.fget if isinstance(member, property)
+                                                                      else member)]
+    assert set(required) == {"param", "active_numel", "unit_mask", "unit_magnitude", "set_topology", "with_revived",
+                             "grown_entries", "regrown_values", "dense_weight", "_new_capture"}
+    for cls in (MaskedLinear, BlockSparseLinear):
+        assert [n for n in required if vars(SparseLinear)[n] is getattr(cls, n)] == [], cls
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    assert type(sparse_linear(96, 64, 32, mask, 0.1)) is BlockSparseLinear
+    assert type(sparse_linear(3, 2, 1, mask, 0.1)) is MaskedLinear

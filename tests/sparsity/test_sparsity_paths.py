@@ -11,7 +11,7 @@ from torch import nn
 from sparse_dc.model import ModelConfig, build_model
 from sparse_dc.model.build import model_shape, sparse_layers
 from sparse_dc.model.config import PRESETS
-from sparse_dc.sparsity import DSTEngine, SparseLinear, SparsityConfig, optimizer_state
+from sparse_dc.sparsity import DSTEngine, SparseLinear, SparsityConfig, optimizer_state, sparse_linear
 from sparse_dc.sparsity.distribution import allocate
 from sparse_dc.sparsity.paths import PathAwareUpdate, dead_path_warning, initial_masks, parse_projection
 from sparse_dc.sparsity.topology import random_mask, unit_generator
@@ -241,7 +241,7 @@ def test_normal_regrowth_values(block):
         torch.manual_seed(0)
         b = block
         mask = random_mask(256 // b, 128 // b, (256 // b) * (128 // b) // 2, torch.Generator().manual_seed(0))
-        model = nn.Sequential(SparseLinear(128, 256, b, mask, std=0.5))
+        model = nn.Sequential(sparse_linear(128, 256, b, mask, std=0.5))
         cfg = SparsityConfig(density=0.5, block_size=b, method="set", update_frequency=1, prune_rate=0.5,
                              prune_rate_decay="constant", stop_fraction=1.0, regrow_init="normal",
                              regrow_init_scale=0.2)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sparse_dc.config.base import ConfigError
-from sparse_dc.sparsity import AdamDST, DSTEngine, SparseLinear, SparsityConfig, optimizer_state
+from sparse_dc.sparsity import AdamDST, DSTEngine, SparseLinear, SparsityConfig, optimizer_state, sparse_linear
 from sparse_dc.sparsity.adamdst import ELEMENT_STEP
 from sparse_dc.sparsity.topology import drop_grow, random_mask, unit_generator
 
@@ -79,7 +79,7 @@ def test_a_regrown_just_dropped_unit_restarts_at_zero_with_zeroed_moments(block_
     b = block_size
     torch.manual_seed(1)
     units = (128 // b) * (64 // b)
-    layer = SparseLinear(64, 128, b, random_mask(128 // b, 64 // b, units * 3 // 4, torch.Generator().manual_seed(2)),
+    layer = sparse_linear(64, 128, b, random_mask(128 // b, 64 // b, units * 3 // 4, torch.Generator().manual_seed(2)),
                          std=0.1)
     model = nn.Sequential(layer)
     cfg = SparsityConfig(density=0.75, block_size=b, method="set", update_frequency=3, prune_rate=0.5,
@@ -146,7 +146,7 @@ def test_regrown_weights_move_as_the_official_optimizer_moves_them(regrow_optimi
     forward): the regrown weights' update sizes follow the official recurrence to float precision."""
     torch.manual_seed(0)
     mask = random_mask(32, 16, 256, torch.Generator().manual_seed(3))
-    layer = SparseLinear(16, 32, 1, mask, std=0.1)
+    layer = sparse_linear(16, 32, 1, mask, std=0.1)
     model = nn.Sequential(layer)
     cfg = SparsityConfig(density=0.5, method="set", update_frequency=10, prune_rate=0.2, prune_rate_decay="constant",
                          stop_fraction=0.15, regrow_optimizer=regrow_optimizer)  # one update: step 10 of 100
