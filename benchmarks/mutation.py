@@ -115,10 +115,9 @@ process_isolation = forkserver
 def run_module(module: str, children: int) -> dict:
     tests = MODULES[module]
     work = lay_out(module, tests)
-    # mutmut puts mutants/ first on sys.path itself (a PYTHONPATH entry for it, cached by the import system before
-    # the folder is filled, would let the installed package win)
-    # one thread per process: mutants run in forked processes, and a fork of a process whose thread pools hold locks
-    # can hang (a hung mutant would count as a timeout, i.e. as killed)
+    # No PYTHONPATH: mutmut puts mutants/ first on sys.path itself (an entry for it, cached by the import system
+    # before the folder is filled, lets the installed package win). One thread per process: mutants run in forked
+    # processes, and a fork of a process whose thread pools hold locks can hang (a false timeout, counted killed).
     env = dict(os.environ, TMPDIR=os.path.join(work, "tmp"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     os.makedirs(env["TMPDIR"], exist_ok=True)
     start = time.perf_counter()
@@ -127,6 +126,11 @@ def run_module(module: str, children: int) -> dict:
     seconds = time.perf_counter() - start
     with open(os.path.join(work, "mutmut-run.log"), "w", encoding="utf-8") as fh:
         fh.write(proc.stdout)
+    return collect(module, work, env, round(seconds, 1), proc.returncode)
+
+
+def collect(module: str, work: str, env: dict, seconds: float, exit_code: int) -> dict:
+    """Score a finished run in `work` against the current EQUIVALENT list and write its JSON."""
     subprocess.run(["mutmut", "export-cicd-stats"], cwd=work, env=env, check=True, capture_output=True)
     with open(os.path.join(work, "mutants", "mutmut-cicd-stats.json"), encoding="utf-8") as fh:
         counts = json.load(fh)
@@ -146,11 +150,10 @@ def run_module(module: str, children: int) -> dict:
     killed = sum(v in ("killed", "timeout") for v in status.values())
     tested = len(status)
     scored = tested - sum(n in status for n in equivalent)
-    result = {"module": module, "tests": tests, "mutants": tested, "killed": killed,
+    result = {"module": module, "tests": MODULES[module], "mutants": tested, "killed": killed,
               "equivalent": {n: r for n, r in equivalent.items() if n in status},
               "survived": len(survivors), "score": round(killed / scored, 4) if scored else None,
-              "raw_counts": counts, "seconds": round(seconds, 1), "survivors": survivors,
-              "mutmut_exit": proc.returncode}
+              "raw_counts": counts, "seconds": seconds, "survivors": survivors, "mutmut_exit": exit_code}
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, module.replace("/", ".") + ".json"), "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
@@ -186,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help=f"modules to mutate (default: all of {', '.join(MODULES)})")
     parser.add_argument("--children", type=int, default=1, help="mutants tested in parallel (default 1)")
     parser.add_argument("--list", action="store_true", help="print the modules and their tests, then exit")
+    parser.add_argument("--rescore", action="store_true",
+                        help="re-score the last run of each module (its .mutation/ folder) against EQUIVALENT")
     args = parser.parse_args(argv)
     if args.list:
         for module, tests in MODULES.items():
@@ -199,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         print('mutmut is not installed: pip install -c requirements/ci.txt -e ".[dev]"', file=sys.stderr)
         return 2
     for module in args.modules or list(MODULES):
-        r = run_module(module, args.children)
+        if args.rescore:
+            with open(os.path.join(RESULTS, module.replace("/", ".") + ".json"), encoding="utf-8") as fh:
+                last = json.load(fh)
+            r = collect(module, os.path.join(SCRATCH, module.replace("/", ".")), dict(os.environ), last["seconds"],
+                        last["mutmut_exit"])
+        else:
+            r = run_module(module, args.children)
         score = f"{100 * r['score']:.1f}%" if r["score"] is not None else "-"
         print(f"{module}: {r['killed']}/{r['mutants']} killed, {len(r['equivalent'])} equivalent, "
               f"{r['survived']} survived: {score} ({r['seconds'] / 60:.1f} min)", flush=True)
