@@ -72,7 +72,8 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "sparse_dc.train.config.xǁOptimizerConfigǁvalidate__mutmut_64": _LEAF_SECTION,
         "sparse_dc.train.config.xǁScheduleConfigǁvalidate__mutmut_65": _LEAF_SECTION,
         "sparse_dc.train.config.xǁWandbConfigǁvalidate__mutmut_35": _LEAF_SECTION,
-        **{f"sparse_dc.train.config.xǁTrainConfigǁdeepspeed_config__mutmut_{i}": _NEVER_PRINTS for i in (44, 46, 47, 48)},
+        **{f"sparse_dc.train.config.xǁTrainConfigǁdeepspeed_config__mutmut_{i}": _NEVER_PRINTS
+           for i in (44, 46, 47, 48)},
     },
 }
 

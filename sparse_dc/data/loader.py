@@ -340,5 +340,6 @@ class TokenBudgetDataset(torch.utils.data.IterableDataset):
         for index, (b, k, lo, hi) in enumerate(self.micro_ranges()):
             if index % workers == worker:
                 yield {**self.budget.micro_batch(lo, hi), "batch": b, "micro": k,
-                       "micro_batches": self.micro_batches_per_step, "samples_end": min((b + 1) * self.global_batch, total),
+                       "micro_batches": self.micro_batches_per_step,
+                       "samples_end": min((b + 1) * self.global_batch, total),
                        "batch_targets": self.budget.batch_targets(b, self.global_batch)}

@@ -6,10 +6,10 @@ each behind the `SparseLinear` protocol (what the DST engine, export and the par
   Weight, gradient and optimizer memory scale with density. A topology change keeps nnz, so `values` never
   changes shape: surviving blocks keep their slot and only the slots of grown blocks are reset.
 - `MaskedLinear` (B = 1, unstructured): a dense `weight` with a {0,1} `mask` buffer. Invariant: pruned entries of
-  the weight are exactly 0. The forward masks the weight's *gradient* in backward (an identity autograd node on the weight), so
-  Adam moments of pruned entries stay 0 and the optimizer never moves them: no `apply_masks()` call is needed
-  after the optimizer step. A topology update zeroes dropped entries and their moments. The forward multiplies by
-  the weight itself, so the gradient reaching that node is the dense one RigL scores.
+  the weight are exactly 0. The forward masks the weight's *gradient* in backward (an identity autograd node on the
+  weight), so Adam moments of pruned entries stay 0 and the optimizer never moves them: no `apply_masks()` call is
+  needed after the optimizer step. A topology update zeroes dropped entries and their moments. The forward
+  multiplies by the weight itself, so the gradient reaching that node is the dense one RigL scores.
 
 A "unit" is one entry (B = 1) or one B x B block; `unit_mask()` is the bool [out / B, in / B] topology.
 

@@ -71,7 +71,8 @@ if __name__ == "__main__":
             lambda: dds(80, "fp16", 32, 128, 32, False, warps=4),
             lambda: dds(90, "fp32", 64, 64, 32, True, warps=4), lambda: dds(80, "fp64", 16, 32, 16, False, 4, 2),
             lambda: sdd(90, "bf16", 128, 64, OUT_VALUES), lambda: sdd(90, "bf16", 64, 64, OUT_PARTIALS, warps=4),
-            lambda: sdd(80, "bf16", 32, 64, OUT_SQUARED_NORM, warps=4), lambda: sdd(80, "fp64", 16, 32, OUT_VALUES, 4, 2),
+            lambda: sdd(80, "bf16", 32, 64, OUT_SQUARED_NORM, warps=4),
+            lambda: sdd(80, "fp64", 16, 32, OUT_VALUES, 4, 2),
             lambda: sdd(90, "bf16", 128, 64, OUT_ACCUMULATE)]  # RigL's fp32 accumulate (read-add-write) mode
     for job in jobs:
         print(json.dumps(job()), flush=True)
