@@ -96,3 +96,55 @@ def test_resampling_draws_within_each_stratum_with_replacement(train_runs):
     small = np.array([0] * 8 + [1] * 2)
     for seed in range(20):
         assert np.bincount(small[_resample(small, np.random.default_rng(seed))]).tolist() == [8, 2]
+
+
+def test_intervals_are_the_percentiles_of_the_samples():
+    samples = [{"a": float(v), "b": float(-v)} for v in range(101)]  # 0..100
+    for level, expect in ((0.95, {"a": (2.5, 97.5), "b": (-97.5, -2.5)}), (0.5, {"a": (25, 75), "b": (-75, -25)})):
+        got = intervals(samples, level)
+        assert got.keys() == expect.keys()
+        for k in expect:
+            assert got[k] == (pytest.approx(expect[k][0]), pytest.approx(expect[k][1]))
+    with pytest.raises(FitError, match="no bootstrap samples: refit with --bootstrap K"):
+        intervals([])
+
+
+def test_prediction_interval_is_over_the_bootstrap_coefficients(chinchilla_case):
+    from types import SimpleNamespace
+
+    from sparse_dc.scaling.fit import FitResult
+    from sparse_dc.scaling.forms import get_form
+
+    law = get_form("chinchilla")
+    coefficients = [{**CHINCHILLA, "e": CHINCHILLA["e"] + d} for d in np.linspace(-0.1, 0.1, 41)]
+    fit = FitResult(form="chinchilla", params=dict(CHINCHILLA), objective=0.0, metrics={}, bootstrap=coefficients)
+    x = SimpleNamespace(active_params=1e8, unique_tokens=1e9, tokens=4e9, density=1.0)  # scalars are one run
+    preds = np.array([law.predict(c, SimpleNamespace(**{k: np.array([v]) for k, v in vars(x).items()}))[0]
+                      for c in coefficients])
+    lo, hi = predict_interval(fit, x, 0.9)
+    assert lo.shape == hi.shape == (1,)
+    assert (lo[0], hi[0]) == (pytest.approx(np.percentile(preds, 5)), pytest.approx(np.percentile(preds, 95)))
+    with pytest.raises(FitError, match="has no bootstrap samples"):
+        predict_interval(FitResult(form="chinchilla", params=dict(CHINCHILLA), objective=0.0, metrics={}), x)
+
+
+def test_holdout_split_puts_the_boundary_size_with_the_small_runs(train_runs):
+    sizes = np.unique(train_runs.dense_params)
+    above = float(sizes[len(sizes) // 2])
+    small, large = holdout_split(train_runs, above)
+    assert len(small) + len(large) == len(train_runs) and (small.dense_params == above).any()
+    assert small.dense_params.max() == above < large.dense_params.min()
+    with pytest.raises(FitError, match=r"holdout-above=.*: expected a size that leaves runs on both sides"):
+        holdout_split(train_runs, float(sizes.min()) - 1)
+
+
+def test_cross_validation_folds_deal_each_stratum_out_evenly(train_runs):
+    """Every run is predicted once, by a fit that did not see it; folds hold each stratum's runs evenly."""
+    cv = cross_validate(train_runs, "paper", "staged", k=3, seed=1)
+    pred = np.array(cv["predictions"])
+    res = pred - train_runs.val_loss
+    assert cv["mae"] == pytest.approx(np.abs(res).mean()) and cv["rmse"] == pytest.approx(np.sqrt((res ** 2).mean()))
+    assert cv["mape"] == pytest.approx(np.abs(res / train_runs.val_loss).mean())
+    assert not np.allclose(pred, cross_validate(train_runs, "paper", "staged", k=3, seed=2)["predictions"])
+    with pytest.raises(FitError, match=rf"cv={len(train_runs) + 1}: expected 2 <= K <= number of runs"):
+        cross_validate(train_runs, k=len(train_runs) + 1)
