@@ -109,7 +109,7 @@ def test_intervals_are_the_percentiles_of_the_samples():
         intervals([])
 
 
-def test_prediction_interval_is_over_the_bootstrap_coefficients(chinchilla_case):
+def test_prediction_interval_is_over_the_bootstrap_coefficients():
     from types import SimpleNamespace
 
     from sparse_dc.scaling.fit import FitResult
