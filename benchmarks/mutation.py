@@ -131,6 +131,45 @@ def run_module(module: str, children: int) -> dict:
     return collect(module, work, env, round(seconds, 1), proc.returncode)
 
 
+def retest(module: str, children: int) -> dict:
+    """Test the last run's survivors again against the current tests (the module's code must be unchanged since):
+    the tests are copied into its scratch copy and only the surviving mutants run (mutmut collects coverage for the
+    new tests first)."""
+    work = os.path.join(SCRATCH, module.replace("/", "."))
+    with open(os.path.join(RESULTS, module.replace("/", ".") + ".json"), encoding="utf-8") as fh:
+        last = json.load(fh)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for target in (os.path.join(work, "tests"), os.path.join(work, "mutants", "tests")):
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(os.path.join(ROOT, "tests"), target, ignore=ignore)
+    # the rest of the package as it is now (the tests may use it); the mutated module keeps its trampolines
+    for base in (work, os.path.join(work, "mutants")):
+        kept = {p: open(p, "rb").read() for p in (os.path.join(base, source_path(module)),
+                                                   os.path.join(base, source_path(module)) + ".meta")
+                if os.path.exists(p)}  # the mutants and their verdicts
+        shutil.rmtree(os.path.join(base, "sparse_dc"))
+        shutil.copytree(os.path.join(ROOT, "sparse_dc"), os.path.join(base, "sparse_dc"), ignore=ignore)
+        shutil.copytree(os.path.join(ROOT, "kernels"), os.path.join(base, "sparse_dc", "kernels"), ignore=ignore)
+        for path, data in kept.items():
+            with open(path, "wb") as fh:
+                fh.write(data)
+    config = open(os.path.join(work, "setup.cfg"), encoding="utf-8").read()
+    selection = "\n    ".join(t for t in MODULES[module] if os.path.exists(os.path.join(ROOT, t)))
+    head, _, rest = config.partition("pytest_add_cli_args_test_selection =\n")
+    rest = rest[rest.index("\npytest_add_cli_args =") + 1:]
+    config = f"{head}pytest_add_cli_args_test_selection =\n    {selection}\n{rest}"
+    for path in (os.path.join(work, "setup.cfg"), os.path.join(work, "mutants", "setup.cfg")):
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(config)
+    env = dict(os.environ, TMPDIR=os.path.join(work, "tmp"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.perf_counter()
+    proc = subprocess.run(["mutmut", "run", "--max-children", str(children), *last["survivors"]], cwd=work, env=env,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(os.path.join(work, "mutmut-retest.log"), "w", encoding="utf-8") as fh:
+        fh.write(proc.stdout)
+    return collect(module, work, env, round(last["seconds"] + time.perf_counter() - start, 1), proc.returncode)
+
+
 def collect(module: str, work: str, env: dict, seconds: float, exit_code: int) -> dict:
     """Score a finished run in `work` against the current EQUIVALENT list and write its JSON."""
     subprocess.run(["mutmut", "export-cicd-stats"], cwd=work, env=env, check=True, capture_output=True)
@@ -191,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help=f"modules to mutate (default: all of {', '.join(MODULES)})")
     parser.add_argument("--children", type=int, default=1, help="mutants tested in parallel (default 1)")
     parser.add_argument("--list", action="store_true", help="print the modules and their tests, then exit")
+    parser.add_argument("--retest", action="store_true",
+                        help="run the last run's surviving mutants again against the current tests")
     parser.add_argument("--rescore", action="store_true",
                         help="re-score the last run of each module (its .mutation/ folder) against EQUIVALENT")
     args = parser.parse_args(argv)
@@ -206,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         print('mutmut is not installed: pip install -c requirements/ci.txt -e ".[dev]"', file=sys.stderr)
         return 2
     for module in args.modules or list(MODULES):
-        if args.rescore:
+        if args.retest:
+            r = retest(module, args.children)
+        elif args.rescore:
             with open(os.path.join(RESULTS, module.replace("/", ".") + ".json"), encoding="utf-8") as fh:
                 last = json.load(fh)
             r = collect(module, os.path.join(SCRATCH, module.replace("/", ".")), dict(os.environ), last["seconds"],
