@@ -145,7 +145,6 @@ def _ppl(loss: float) -> float:
 
 def law_prediction() -> str:
     """What the paper's law says about dense vs 50% sparse at PREDICT's size and budget (no torch involved)."""
-    from sparse_dc.launch.presets import fast_preset
     from sparse_dc.scaling.forms import find_preset
     from sparse_dc.scaling.optimize import MODEL_SIZES, loss_optimal_density, predict_loss
 
@@ -163,9 +162,9 @@ def law_prediction() -> str:
     lines.append(f"  density is the live fraction (sparsity = 1 - density), so {best:.3f} is {1 - best:.0%} sparse. "
                  "The paper's \"moderate (~50%) sparsity\" is where its data-starved runs sit: the optimum moves "
                  f"toward sparser models as data repeats (here {once:.3f} at 1 epoch, {often:.3f} at 16).")
-    cfg = fast_preset(size, 0.5)
-    lines.append(f"  train it: sparse-dc train --config launch/configs/{cfg['name']}.yaml data.dir=<your data> "
-                 f"data.unique_tokens={int(u)} data.epochs={epochs:g}")
+    # the law was fitted on the paper's setup, so the run it predicts is the paper recipe's (launch/configs/paper)
+    lines.append(f"  train what it predicts: sparse-dc train --config launch/configs/paper/{size}-d0.5.yaml "
+                 f"data.dir=<your data> data.unique_tokens={int(u)} data.epochs={epochs:g}")
     return "\n".join(lines)
 
 

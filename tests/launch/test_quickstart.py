@@ -43,6 +43,14 @@ def test_quickstart_end_to_end(tmp_path):
     law = subprocess.run([sys.executable, "-m", "sparse_dc.cli", *predict.split()[1:]], capture_output=True,
                          text=True, timeout=60)
     assert law.returncode == 0 and "predicted loss" in law.stdout, law.stderr
+    # the run the law predicts is the paper recipe's preset, and that file exists and validates
+    train = next(x.strip() for x in proc.stdout.splitlines() if "train what it predicts:" in x)
+    config = train.split("--config ")[1].split()[0]
+    assert config == "launch/configs/paper/120m-d0.5.yaml", train
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shown = subprocess.run([sys.executable, "-m", "sparse_dc.cli", "train", "--config", os.path.join(root, config),
+                            "--print-config"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "packing: document" in shown.stdout, shown.stderr
     assert "--anchor paper" in proc.stdout and "an anchored fit needs 4+ runs" in proc.stdout
     png = out / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
