@@ -189,7 +189,7 @@ class TokenBudget:
             raise IndexError(f"sample index outside [0, {self.plan.total_samples})")
         n = self.plan.unique_sequences
         epochs, positions = np.divmod(samples, n)
-        if len(samples) and epochs[0] == epochs[-1] == epochs.min():  # the common case: one epoch
+        if len(samples) and epochs.min() == epochs.max():  # the common case: one epoch
             return self._epoch_offsets(int(epochs[0]))[positions]
         out = np.empty_like(samples)
         for epoch in np.unique(epochs):
