@@ -34,9 +34,9 @@ SCRATCH = os.path.join(ROOT, ".mutation")
 # module (under sparse_dc/, or kernels/ for kernels/...) -> the test files that are its own tests
 MODULES: dict[str, list[str]] = {
     "data/loader": ["tests/data/test_loader.py", "tests/data/test_loader_documents.py",
-                    "tests/data/test_loader_properties.py"],
+                    "tests/data/test_loader_properties.py", "tests/data/test_loader_edges.py"],
     "data/shards": ["tests/data/test_shards.py", "tests/data/test_loader.py", "tests/data/test_prepare_errors.py",
-                    "tests/data/test_prepare.py"],
+                    "tests/data/test_prepare.py", "tests/data/test_shard_checks.py"],
     "sparsity/topology": ["tests/sparsity/test_sparsity_dst.py", "tests/sparsity/test_sparsity_recipe.py",
                           "tests/sparsity/test_sparsity_properties.py"],
     "sparsity/dst": ["tests/sparsity/test_sparsity_dst.py", "tests/sparsity/test_sparsity_recipe.py"],
@@ -58,7 +58,30 @@ _NEVER_PRINTS = "steps_per_print: any value beyond the run's step count keeps De
 _SET_OF_INDICES = "topk's indices are used as a set (to index a mask): their order does not matter"
 _ONE_DEVICE = ("`.to(mask.device)` of indices already on the mask's device: a no-op here, where the tests run on the "
                "CPU (it matters on a GPU, where tests/sparsity's GPU-free suite cannot see it)")
+_SIDE_LEFT = "side='left' is np.searchsorted's default"
+_EPOCH_CACHE = "how many epochs' offsets are cached: the same offsets, only memory and recomputation differ"
 EQUIVALENT: dict[str, dict[str, str]] = {
+    "data/loader": {
+        "sparse_dc.data.loader.xǁTokenBudgetǁ__init____mutmut_17": _EPOCH_CACHE,
+        "sparse_dc.data.loader.xǁTokenBudgetǁ__init____mutmut_57": _SIDE_LEFT,
+        "sparse_dc.data.loader.x_make_plan__mutmut_48": _SIDE_LEFT,
+        **{f"sparse_dc.data.loader.x_make_plan__mutmut_{i}": "the validation cut's document index when val_tokens is "
+           "0: the pool then starts at 0 without reading it" for i in (41, 51, 52)},
+        **{f"sparse_dc.data.loader.x_make_plan__mutmut_{i}": "the branch for a cut past the last document end: that "
+           "end is corpus_tokens >= val_tokens (checked first), so the cut always finds a document" for i in (60, 62)},
+        "sparse_dc.data.loader.xǁTokenBudgetǁ__init____mutmut_18": _EPOCH_CACHE,
+        **{f"sparse_dc.data.loader.xǁTokenBudgetǁ_range_offsets__mutmut_{i}": "the dtype of an empty offsets array: "
+           "every reader of it converts to int64 or yields an int64 [0, L] array" for i in (9, 11)},
+        "sparse_dc.data.loader.xǁTokenBudgetǁ_range_offsets__mutmut_32": "np.concatenate of a single slice: a copy "
+                                                                         "of the same offsets instead of the view",
+    },
+    "data/shards": {
+        "sparse_dc.data.shards.xǁTokenStreamǁgather__mutmut_7": "SMALL_BATCH_ROWS rows taken by the one-gather path "
+                                                                 "instead of row by row: a speed threshold, both "
+                                                                 "paths copy the same tokens",
+        **{f"sparse_dc.data.shards.x__json_kind__mutmut_{i}": "the fallback name for a type json.load never yields "
+           "(it yields dict, list, str, bool, int, float or None, all in the table)" for i in (20, 22, 24)},
+    },
     "sparsity/topology": {
         "sparse_dc.sparsity.topology.x__lowest__mutmut_16": _SET_OF_INDICES,
         "sparse_dc.sparsity.topology.x__lowest__mutmut_18": _SET_OF_INDICES,
