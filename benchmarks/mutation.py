@@ -137,13 +137,21 @@ process_isolation = forkserver
     return work
 
 
+def run_env(work: str) -> dict:
+    """The environment of a module's mutmut run. One thread per process: mutants run in forked processes, and a fork
+    of a process whose thread pools hold locks can hang (a false timeout, counted killed). The data tests' corpus is
+    prepared once per run and reused by every mutant (tests/data/conftest.py), not rebuilt per mutant; mutants of
+    the writing code are still run against the tests that prepare a corpus themselves."""
+    return dict(os.environ, TMPDIR=os.path.join(work, "tmp"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                SPARSE_DC_TEST_PREPARED=os.path.join(work, "prepared-corpus"))
+
+
 def run_module(module: str, children: int) -> dict:
     tests = MODULES[module]
     work = lay_out(module, tests)
     # No PYTHONPATH: mutmut puts mutants/ first on sys.path itself (an entry for it, cached by the import system
-    # before the folder is filled, lets the installed package win). One thread per process: mutants run in forked
-    # processes, and a fork of a process whose thread pools hold locks can hang (a false timeout, counted killed).
-    env = dict(os.environ, TMPDIR=os.path.join(work, "tmp"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # before the folder is filled, lets the installed package win).
+    env = run_env(work)
     os.makedirs(env["TMPDIR"], exist_ok=True)
     start = time.perf_counter()
     proc = subprocess.run(["mutmut", "run", "--max-children", str(children)], cwd=work, env=env, text=True,
@@ -184,7 +192,7 @@ def retest(module: str, children: int) -> dict:
     for path in (os.path.join(work, "setup.cfg"), os.path.join(work, "mutants", "setup.cfg")):
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(config)
-    env = dict(os.environ, TMPDIR=os.path.join(work, "tmp"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = run_env(work)
     start = time.perf_counter()
     proc = subprocess.run(["mutmut", "run", "--max-children", str(children), *last["survivors"]], cwd=work, env=env,
                           text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
