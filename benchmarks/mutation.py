@@ -58,7 +58,12 @@ _NEVER_PRINTS = "steps_per_print: any value beyond the run's step count keeps De
 _SET_OF_INDICES = "topk's indices are used as a set (to index a mask): their order does not matter"
 _ONE_DEVICE = ("`.to(mask.device)` of indices already on the mask's device: a no-op here, where the tests run on the "
                "CPU (it matters on a GPU, where tests/sparsity's GPU-free suite cannot see it)")
+_PLUS_ZERO = "E - 0 is E + 0 exactly: the zero array only broadcasts E to every run (a Dual's derivatives unchanged)"
 EQUIVALENT: dict[str, dict[str, str]] = {
+    "scaling/forms": {
+        "sparse_dc.scaling.forms.xǁChinchillaǁlog_terms__mutmut_25": _PLUS_ZERO,
+        "sparse_dc.scaling.forms.xǁSparseDataConstrainedǁlog_terms__mutmut_133": _PLUS_ZERO,
+    },
     "sparsity/topology": {
         "sparse_dc.sparsity.topology.x__lowest__mutmut_16": _SET_OF_INDICES,
         "sparse_dc.sparsity.topology.x__lowest__mutmut_18": _SET_OF_INDICES,
