@@ -25,3 +25,21 @@ def test_runs():
 @pytest.fixture(scope="session")
 def paper_fit(train_runs):
     return fit_law(train_runs, "paper", "paper")
+
+
+@pytest.fixture
+def two_coefficient_form():
+    """Chinchilla with a one-stage fit of a, b only (a reduction whose joint step has more to fit than its stage),
+    registered under its name 'chinchilla-ab' for the duration of a test."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from sparse_dc.scaling import forms
+
+    law = replace(forms.get_form("chinchilla"), name="chinchilla-ab",
+                  stages=(forms.Stage("1-ab", ("a", "b"), lambda x: np.ones(len(x.tokens), bool),
+                                      {"a": (5.0, 6.0), "b": (5.0, 6.0)}),))
+    forms.register_form(law)
+    yield law
+    forms._FORMS.pop(law.name, None)

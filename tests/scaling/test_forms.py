@@ -160,6 +160,11 @@ def test_stage_selectors_at_their_boundaries():
                         unique_tokens=np.full(5, 1e9), density=np.array([1.0, 1.0 - 1e-13, 0.99, 0.5, 1]))
     assert single_epoch(x).tolist() == [True, True, False, True, False]
     assert dense(x).tolist() == [True, True, False, False, True]
+    # the tolerances are inclusive: D = U (1 + 1e-6) is still one epoch, S = 1 - 1e-12 still dense
+    edge = SimpleNamespace(tokens=np.array([1e9 * (1 + 1e-6), 1e9 * (1 + 2e-6)]), unique_tokens=np.full(2, 1e9),
+                           density=np.array([1.0 - 1e-12, 1.0 - 2e-12]))
+    assert single_epoch(edge).tolist() == [True, False]
+    assert dense(edge).tolist() == [True, False]
 
 
 def test_integer_counts_as_the_ledger_stores_them():
@@ -168,6 +173,47 @@ def test_integer_counts_as_the_ledger_stores_them():
     as_float = SimpleNamespace(active_params=[1e8], unique_tokens=[1e19], tokens=[4e20], density=[1.0])
     for form, preset in (("paper", PAPER), ("chinchilla", CHINCHILLA)):
         assert get_form(form).predict(preset, big)[0] == get_form(form).predict(preset, as_float)[0]
+
+
+def test_counts_beyond_int64_in_every_field():
+    """Every count may be a Python int too large for int64 (numpy keeps those as objects, which np.log rejects):
+    the law converts each one to float first."""
+    big = SimpleNamespace(active_params=[10 ** 20], unique_tokens=[10 ** 20], tokens=[4 * 10 ** 20], density=[1])
+    as_float = SimpleNamespace(active_params=[1e20], unique_tokens=[1e20], tokens=[4e20], density=[1.0])
+    for form, preset in (("paper", PAPER), ("muennighoff", MUENNIGHOFF), ("chinchilla", CHINCHILLA)):
+        expected = get_form(form).predict(preset, as_float)[0]
+        assert np.isfinite(expected) and get_form(form).predict(preset, big)[0] == expected
+
+
+def test_float32_inputs_are_computed_in_float64():
+    """Columns may arrive as float32 (a dataframe, a tensor): the law and the half-lives are computed in float64,
+    bit for bit what the same numbers give as float64, not in float32's 7 digits."""
+    rng = np.random.default_rng(3)
+    N, U = rng.uniform(1e7, 1e9, 8).astype(np.float32), rng.uniform(1e8, 1e10, 8).astype(np.float32)
+    D, S = U * np.float32(3.7), rng.choice([1.0, 0.5, 0.3, 0.0625], 8).astype(np.float32)
+    single = SimpleNamespace(active_params=N, unique_tokens=U, tokens=D, density=S)
+    double = SimpleNamespace(**{k: v.astype(np.float64) for k, v in vars(single).items()})
+    for form, preset in (("paper", PAPER), ("muennighoff", MUENNIGHOFF), ("chinchilla", CHINCHILLA)):
+        got = get_form(form).predict(preset, single)
+        assert got.dtype == np.float64 and got.tolist() == get_form(form).predict(preset, double).tolist()
+    got_n, got_d = get_form("paper").repetition_half_lives(PAPER, S)
+    want_n, want_d = get_form("paper").repetition_half_lives(PAPER, S.astype(np.float64))
+    assert got_n.dtype == got_d.dtype == np.float64
+    assert (got_n.tolist(), got_d.tolist()) == (want_n.tolist(), want_d.tolist())
+
+
+def test_preset_errors_list_the_forms_presets():
+    """A form with several presets lists them all; one with none says so."""
+    from dataclasses import replace
+
+    two = replace(get_form("paper"), name="paper-two", presets={"paper": PAPER, "refit": PAPER})
+    with pytest.raises(SparseDCError, match=r"preset 'x' is not defined for the paper-two law; expected one of "
+                                            r"paper, refit$"):
+        two.preset("x")
+    none = replace(get_form("paper"), name="paper-none", presets={})
+    with pytest.raises(SparseDCError, match=r"preset 'paper' is not defined for the paper-none law; expected one "
+                                            r"of \(none\)$"):
+        none.preset("paper")
 
 
 def test_the_paper_form_takes_a_separate_beta():

@@ -148,3 +148,88 @@ def test_cross_validation_folds_deal_each_stratum_out_evenly(train_runs):
     assert not np.allclose(pred, cross_validate(train_runs, "paper", "staged", k=3, seed=2)["predictions"])
     with pytest.raises(FitError, match=rf"cv={len(train_runs) + 1}: expected 2 <= K <= number of runs"):
         cross_validate(train_runs, k=len(train_runs) + 1)
+
+
+def test_leave_one_out_predicts_each_run_from_a_fit_on_the_others(two_coefficient_form):
+    """K = number of runs is allowed (leave-one-out): each prediction is exactly that of a fit on the other runs."""
+    runs = synthetic_runs(5, CHINCHILLA, "chinchilla", noise=0.01, seed=4)
+    cv = cross_validate(runs, "chinchilla-ab", "staged", k=5)
+    for i in range(5):
+        others = fit_law(runs.subset(np.arange(5) != i), "chinchilla-ab", "staged")
+        assert cv["predictions"][i] == others.predict(runs.subset([i]))[0]
+    res = np.array(cv["predictions"]) - runs.val_loss
+    assert cv["k"] == 5 and cv["mae"] == pytest.approx(np.abs(res).mean(), rel=1e-12)
+    assert cv["rmse"] == pytest.approx(np.sqrt((res ** 2).mean()), rel=1e-12)
+
+
+def test_cross_validation_bounds_and_a_failing_fold(two_coefficient_form):
+    runs = synthetic_runs(8, CHINCHILLA, "chinchilla", noise=0.01, seed=4)
+    assert cross_validate(runs.subset(np.arange(6)), "chinchilla-ab", "staged", k=2)["k"] == 2  # 3 runs a fold
+    with pytest.raises(FitError, match=r"^cv=1: expected 2 <= K <= number of runs \(8\)$"):
+        cross_validate(runs, "chinchilla-ab", k=1)
+    with pytest.raises(FitError, match=r"^2-fold CV, fold 1 \(fits on 4 runs\): stage 1-all of the chinchilla law "
+                                       r"needs at least 6 matching runs to fit a, b, e, alpha, beta; the ledger has 4$"):
+        cross_validate(runs, "chinchilla", "joint", k=2)
+
+
+def test_bootstrap_resamples_are_reproducible_and_independent_across_seeds(two_coefficient_form, capsys):
+    """Resample i of a seed is the same whatever n (a longer run extends a shorter one); two seeds share no
+    resample; a progress bar only when asked."""
+    runs = synthetic_runs(8, CHINCHILLA, "chinchilla", noise=0.01, seed=4)
+    fit = fit_law(runs, "chinchilla-ab", "staged", start=CHINCHILLA)  # e, alpha, beta stay at CHINCHILLA's
+    three = bootstrap(runs, fit, 3, seed=0, progress=True)
+    # each refit uses the fit's procedure from the fit's coefficients: the staged fit moves a, b only
+    for sample in three:
+        assert {k: sample[k] for k in ("e", "alpha", "beta")} == {k: CHINCHILLA[k] for k in ("e", "alpha", "beta")}
+        assert sample["a"] != fit.params["a"] and sample["b"] != fit.params["b"]
+    err = capsys.readouterr().err
+    assert "bootstrap: 100%" in err and "3/3 [" in err and ("fit/s]" in err or "s/fit]" in err)
+    assert bootstrap(runs, fit, 2) == three[:2] and capsys.readouterr().err == ""  # seed 0 is the default
+    assert bootstrap(runs, fit, 3, workers=2, progress=True) == three  # in processes: same samples, same bar
+    err = capsys.readouterr().err
+    assert "bootstrap: 100%" in err and "3/3 [" in err
+    other = bootstrap(runs, fit, 3, seed=1)
+    assert not any(s == t for s in three for t in other)
+    assert len({tuple(s.values()) for s in three + other}) == 6
+
+
+def test_holdout_report_scores_the_fit_on_the_large_runs(train_runs, paper_fit):
+    above = float(np.quantile(train_runs.dense_params, 0.85))
+    _, large = holdout_split(train_runs, above)
+    report = holdout_report(paper_fit, large, above)
+    pred = paper_fit.predict(large)
+    assert report["above"] == above and report["n_test"] == len(large) == len(report["names"])
+    assert report["names"] == [str(n) for n in large.name] and report["predictions"] == pred.tolist()
+    assert report["mae"] == pytest.approx(np.abs(pred - large.val_loss).mean(), rel=1e-12)
+
+
+def test_intervals_default_to_95_percent(chinchilla_case):
+    _, fit = chinchilla_case
+    assert intervals(fit.bootstrap) == intervals(fit.bootstrap, 0.95)
+    x = synthetic_runs(5, CHINCHILLA, "chinchilla", noise=0.0, seed=11)
+    lo, hi = predict_interval(fit, x)
+    lo95, hi95 = predict_interval(fit, x, 0.95)
+    assert lo.tolist() == lo95.tolist() and hi.tolist() == hi95.tolist()
+
+
+def test_prediction_interval_of_a_single_sample_and_without_samples():
+    """One bootstrap sample (--bootstrap 1) gives a zero-width interval at its prediction; none is a one-line
+    error."""
+    from types import SimpleNamespace
+
+    from sparse_dc.scaling.fit import FitResult
+    from sparse_dc.scaling.forms import get_form
+
+    x = SimpleNamespace(active_params=[1e8, 2e8], unique_tokens=[1e9, 1e9], tokens=[4e9, 4e9], density=[1.0, 1.0])
+    one = {**CHINCHILLA, "e": 0.6}
+    fit = FitResult(form="chinchilla", params=dict(CHINCHILLA), objective=0.0, metrics={}, bootstrap=[one])
+    lo, hi = predict_interval(fit, x)
+    assert lo.tolist() == hi.tolist() == pytest.approx(get_form("chinchilla").predict(one, x).tolist(), rel=1e-12)
+    assert intervals([one]) == {k: (v, v) for k, v in one.items()}
+    fit.bootstrap = []
+    with pytest.raises(FitError, match=r"^the fit has no bootstrap samples: refit with --bootstrap K to get "
+                                       r"prediction intervals$"):
+        predict_interval(fit, x)
+    with pytest.raises(FitError, match=r"^no bootstrap samples: refit with --bootstrap K to get confidence "
+                                       r"intervals$"):
+        intervals([])
