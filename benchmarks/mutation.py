@@ -45,7 +45,8 @@ MODULES: dict[str, list[str]] = {
     "kernels/layout": ["tests/kernels/test_kernel_layout.py", "tests/kernels/test_layout_errors.py",
                        "tests/kernels/test_layout_properties.py", "tests/kernels/test_kernel_reference.py"],
     "train/config": ["tests/train/test_train_config.py", "tests/test_config.py"],
-    "train/checkpoint": ["tests/train/test_train_units.py", "tests/train/test_train_checkpoint.py"],
+    "train/checkpoint": ["tests/train/test_train_units.py", "tests/train/test_train_checkpoint.py",
+                         "tests/train/test_checkpoint_engine.py"],
     "scaling/forms": ["tests/scaling/test_forms.py", "tests/scaling/test_fit.py"],
     "scaling/fit": ["tests/scaling/test_fit.py", "tests/scaling/test_forms.py"],
     "scaling/uncertainty": ["tests/scaling/test_uncertainty.py"],
@@ -66,6 +67,23 @@ _UTF8_LOCALE = ("open() without an encoding reads with the locale's, which is UT
                 "coercion; 'UTF-8' and 'utf-8' name the same codec")
 _FORMS_CONVERT = ("the law forms convert every input field to float64 themselves (test_float32_inputs_are_computed_in_"
                   "float64, test_counts_beyond_int64_in_every_field)")
+_CUDA_RNG = ("the CUDA RNG state: saved and restored only where CUDA is available, and the tests run on the CPU "
+             "(the other generators' round trip is pinned)")
+_FLUSHED = "print(..., flush=...) of a line to stderr: stderr is line-buffered, the line appears either way"
+_ONE_RANK_GATHER = ("`world_size >= 1`: a gather over one rank returns [value], what the no-gather branch returns; "
+                    "every world size > 1 still gathers")
+_ANY_NONZERO = "the stop flag is read as bool(any rank's value): max and sum, 1 and 2, int32 and int64 agree on it"
+_CPU_TENSOR = ("the flag tensor's device: the CPU is the default device, and the tests run on the CPU (on a GPU, "
+               "NCCL needs it on the rank's device)")
+_NOT_SAVE_LATEST = "DeepSpeed's save_checkpoint tests `if save_latest`: None and False both skip its `latest` file"
+_MARKER_INDENT = "the COMPLETE record's JSON indentation: every reader parses the same record"
+_L = "sparse_dc.kernels.layout.xǁBlockLayoutǁ"
+_CPU_ONLY = ("a tensor built beside the layout's own with `device=` dropped, or `.to(self.device)` of a mask: the "
+             "tests' masks and layouts are on the CPU, the default device (a layout from a mask cannot be built on the "
+             "meta device, nonzero() needs values)")
+_INT32_ANYWAY = "the constructor converts row_ptr, col_idx and slot to int32 (`_as_index`) whatever they arrive as"
+_TRUSTED = ("validate= for indices built from a mask or another layout: the checks pass, only their host syncs are "
+            "saved")
 EQUIVALENT: dict[str, dict[str, str]] = {
     "data/loader": {
         "sparse_dc.data.loader.xǁTokenBudgetǁ__init____mutmut_17": _EPOCH_CACHE,
@@ -110,6 +128,34 @@ EQUIVALENT: dict[str, dict[str, str]] = {
     "scaling/forms": {
         "sparse_dc.scaling.forms.xǁChinchillaǁlog_terms__mutmut_25": _PLUS_ZERO,
         "sparse_dc.scaling.forms.xǁSparseDataConstrainedǁlog_terms__mutmut_133": _PLUS_ZERO,
+    },
+    "kernels/layout": {
+        **{f"{_L}from_block_mask__mutmut_{i}": _CPU_ONLY for i in (7, 10, 28, 31)},
+        **{f"{_L}_validate_indices__mutmut_{i}": _CPU_ONLY for i in (54, 57)},
+        **{f"{_L}with_mask__mutmut_{i}": _CPU_ONLY for i in (7, 25, 29)},
+        **{f"{_L}from_block_mask__mutmut_{i}": _INT32_ANYWAY for i in (23, 27, 30)},
+        **{f"{_L}from_block_mask__mutmut_{i}": _TRUSTED for i in (37, 43, 46)},
+        f"{_L}to__mutmut_6": _TRUSTED,
+        f"{_L}_validate_indices__mutmut_104": ("bincount without minlength: slots are already in [0, nnz), and nnz "
+                                               "slots with every count up to the largest equal to 1 fill all nnz"),
+        **{f"{_L}with_mask__mutmut_{i}": "torch.full with the int fill -1 is int64 without dtype= too"
+           for i in (24, 28)},
+        f"{_L}with_mask__mutmut_32": "the 'no slot yet' sentinel -2 instead of -1: only `< 0` is asked of it",
+        f"{_L}__init____mutmut_88": ("repeat_interleave(row_len) is arange(nbr) repeated row_len times: the same "
+                                     "values and dtype"),
+    },
+    "train/checkpoint": {
+        **{f"sparse_dc.train.checkpoint.x_rng_state__mutmut_{i}": _CUDA_RNG for i in (8, 9, 10)},
+        **{f"sparse_dc.train.checkpoint.x_set_rng_state__mutmut_{i}": _CUDA_RNG for i in range(10, 17)},
+        "sparse_dc.train.checkpoint.x__gather__mutmut_3": _ONE_RANK_GATHER,
+        **{f"sparse_dc.train.checkpoint.xǁCheckpointerǁnewest_intact__mutmut_{i}": _FLUSHED for i in (29, 32, 42)},
+        **{f"sparse_dc.train.checkpoint.xǁCheckpointerǁ_load_states__mutmut_{i}": _FLUSHED for i in (39, 42, 44)},
+        "sparse_dc.train.checkpoint.xǁCheckpointerǁsave__mutmut_14": _NOT_SAVE_LATEST,
+        **{f"sparse_dc.train.checkpoint.xǁCheckpointerǁsave__mutmut_{i}": _MARKER_INDENT for i in (52, 54, 63)},
+        "sparse_dc.train.checkpoint.xǁStopSignalǁ__init____mutmut_5": ("received = '' instead of None before any "
+                                                                      "signal: both are falsy, all name() asks"),
+        **{f"sparse_dc.train.checkpoint.xǁStopSignalǁrequested__mutmut_{i}": _ANY_NONZERO for i in (7, 10, 14, 19)},
+        **{f"sparse_dc.train.checkpoint.xǁStopSignalǁrequested__mutmut_{i}": _CPU_TENSOR for i in (8, 11)},
     },
     "sparsity/topology": {
         "sparse_dc.sparsity.topology.x__lowest__mutmut_16": _SET_OF_INDICES,

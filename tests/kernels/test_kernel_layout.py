@@ -138,3 +138,30 @@ def test_empty_and_full_layouts():
     full = BlockLayout.from_block_mask(random_mask(2, 3, 1.0), 32)
     w = torch.randn(64, 96)
     assert full.nnz == 6 and torch.equal(full.to_dense(full.values_from_dense(w)), w)
+
+
+def test_orders_break_ties_by_index_on_large_masks():
+    """Within a block column rows ascend, and blocks rows/columns of equal length keep ascending index order: on
+    masks large enough (> 100 entries) that an unstable sort would reorder ties."""
+    mask = random_mask(112, 120, 0.5, seed=3)
+    layout = BlockLayout.from_block_mask(mask, 16)
+    entries = [(r, c) for r in range(112) for c in range(120) if mask[r, c]]
+    slot = layout.slot.tolist()
+    by_column = sorted(range(len(entries)), key=lambda e: (entries[e][1], entries[e][0]))
+    assert layout.row_idx_t.tolist() == [entries[e][0] for e in by_column]
+    assert layout.slot_t.tolist() == [slot[e] for e in by_column]
+    row_len, col_len = mask.sum(1).tolist(), mask.sum(0).tolist()
+    assert layout.row_order.tolist() == sorted(range(112), key=lambda r: -row_len[r])  # sorted() is stable
+    assert layout.col_order.tolist() == sorted(range(120), key=lambda c: -col_len[c])
+    for name in ("row_idx", "row_idx_t", "slot_t", "col_ptr", "row_order", "col_order"):
+        assert getattr(layout, name).dtype == torch.int32, name
+
+
+def test_the_constructor_validates_unless_told_not_to():
+    state = BlockLayout.from_block_mask(MASK, 16).state_tensors()
+    bad = {**state, "slot": torch.tensor([0, 1, 1, 3, 4], dtype=torch.int32)}
+    with pytest.raises(BlockSparseError, match="permutation"):
+        BlockLayout((48, 64), 16, bad["row_ptr"], bad["col_idx"], bad["slot"])
+    assert BlockLayout((48, 64), 16, bad["row_ptr"], bad["col_idx"], bad["slot"], validate=False).nnz == 5
+    listed = BlockLayout([48, 64], 16, state["row_ptr"], state["col_idx"], state["slot"])
+    assert listed.shape == (48, 64) and isinstance(listed.shape, tuple)

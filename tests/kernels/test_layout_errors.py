@@ -11,6 +11,10 @@ MASK = torch.tensor([[1, 0, 1, 0],
                      [1, 1, 0, 1]], dtype=torch.bool)
 LAYOUT = BlockLayout.from_block_mask(MASK, 16)
 STATE = LAYOUT.state_tensors()
+# torch registers its meta-device kernels on first use (~5 s for sort and diff); doing it at import lets processes
+# forked after collection (mutation testing runs one per mutant) share them instead of each paying it again
+torch.sort(torch.zeros(2, dtype=torch.int32, device="meta"), stable=True)
+torch.zeros(2, dtype=torch.int32, device="meta").diff()
 
 
 def state(**changed):
@@ -36,6 +40,10 @@ CASES = [
      "Expected row_ptr to be a 1-D integer tensor. Got torch.int32 of shape (1, 4)."),
     (lambda: BlockLayout.from_state((48, 64), 16, STATE["row_ptr"].bool(), STATE["col_idx"], STATE["slot"]),
      "Expected row_ptr to be a 1-D integer tensor. Got torch.bool of shape (4,)."),
+    (lambda: BlockLayout.from_state((48, 64), 16, STATE["row_ptr"], [0, 2], STATE["slot"]),
+     "Expected col_idx to be a torch.Tensor. Got list."),
+    (lambda: BlockLayout.from_state((48, 64), 16, STATE["row_ptr"], STATE["col_idx"], STATE["slot"].float()),
+     "Expected slot to be a 1-D integer tensor. Got torch.float32 of shape (5,)."),
     (lambda: BlockLayout.from_state((64, 64), 16, **STATE), "Expected row_ptr of length nbr+1 = 5. Got length 4."),
     (lambda: BlockLayout.from_state((48, 64), 16, **state(slot=[0, 1, 2, 3])),
      "Expected slot of length nnz = 5. Got length 4."),
@@ -109,3 +117,23 @@ def test_a_layout_moves_between_devices_unchanged():
     for name in ("row_ptr", "col_idx", "slot", "col_ptr", "row_idx_t", "slot_t", "row_order", "col_order"):
         assert torch.equal(getattr(back, name), getattr(LAYOUT, name)), name
     assert repr(LAYOUT) == "BlockLayout(shape=(48, 64), block_size=16, nnz=5, density=0.4167, device=cpu)"
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((48, 64.0), "Expected shape to be two positive ints (N_out, K_in). Got (48, 64.0)."),
+    ((0, 64), "Expected shape to be two positive ints (N_out, K_in). Got (0, 64)."),
+    ((48, 64, 16), "Expected shape to be two positive ints (N_out, K_in). Got (48, 64, 16)."),
+    ("48x64", "Expected shape to be two positive ints (N_out, K_in). Got '48x64'."),
+    ((1, 64), "Expected both dims of shape to be multiples of block_size 16. Got shape (1, 64)."),
+    ((48, 40), "Expected both dims of shape to be multiples of block_size 16. Got shape (48, 40)."),
+])
+def test_shapes_that_are_not_two_positive_multiples_of_the_block_size(shape, message):
+    with pytest.raises(BlockSparseError, match=f"^{re.escape(message)}$"):
+        BlockLayout(shape, 16, STATE["row_ptr"], STATE["col_idx"], STATE["slot"])
+
+
+def test_a_moved_layout_builds_everything_on_its_device():
+    moved = LAYOUT.to("meta")
+    for name in ("row_ptr", "col_idx", "slot", "row_idx", "col_ptr", "row_idx_t", "slot_t", "row_order", "col_order"):
+        assert getattr(moved, name).device.type == "meta", name
+    assert moved.block_mask().device.type == "meta" and moved.block_mask().shape == (3, 4)

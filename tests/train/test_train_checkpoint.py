@@ -104,15 +104,20 @@ def test_resolve_checkpoint_finds_the_newest_intact_tag(tmp_path, caplog):
     assert resolve_checkpoint(str(ckpts / "step_00000020")) == (str(ckpts), "step_00000020")
     (ckpts / "step_00000030" / FILES[0]).write_bytes(b"x")
     assert resolve_checkpoint(str(run)) == (str(ckpts), "step_00000020")
-    assert "checkpoint step_00000030 is damaged" in caplog.text and "trying the one before it" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        f"checkpoint step_00000030 is damaged ({FILES[0]} has 1 bytes, expected 200): trying the one before it"]
     with pytest.raises(SparseDCError, match=r"step_00000030 is damaged \(mp_rank_00_model_states.pt has 1 bytes"):
         resolve_checkpoint(str(ckpts / "step_00000030"))
     for step in (10, 20):
         (ckpts / f"step_{step:08d}" / FILES[1]).unlink()
-    with pytest.raises(SparseDCError, match=r"every complete checkpoint in .*checkpoints is damaged"):
+    with pytest.raises(SparseDCError) as info:
         resolve_checkpoint(str(run))
-    with pytest.raises(SparseDCError, match="expected a run folder, its checkpoints/ folder or a step_"):
+    assert str(info.value) == (f"--checkpoint {run}: every complete checkpoint in {ckpts} is damaged: expected an "
+                               "intact one (its files matching its COMPLETE record)")
+    with pytest.raises(SparseDCError) as info:
         resolve_checkpoint(str(tmp_path / "empty"))
+    assert str(info.value) == (f"--checkpoint {tmp_path / 'empty'}: expected a run folder, its checkpoints/ folder "
+                               "or a step_* folder holding a complete checkpoint (one with a COMPLETE marker)")
 
 
 def test_run_config_and_record_come_from_the_marker(tmp_path):
@@ -161,8 +166,106 @@ def test_stop_signal_sets_a_flag_and_restores_the_handlers():
     stop = StopSignal()
     try:
         assert not stop.requested() and stop.name() == "a stop signal on another rank"
+        assert signal.getsignal(signal.SIGUSR1) == stop._handle == signal.getsignal(signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.requested() and stop.name() == "SIGUSR1"
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _two_rank_bookkeeping(rank: int, store: str, run: str, out: str) -> None:
+    """One of two forked ranks (gloo over a file store): gather, stop-signal agreement, the shared tag check."""
+    import torch.distributed as dist
+
+    from sparse_dc.train.checkpoint import _gather
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        result = {"gathered": _gather({"rank": rank}, 2)}
+        stop = StopSignal()
+        try:
+            result["before"] = stop.requested()
+            dist.barrier()
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            result["after"] = stop.requested()  # rank 0 got no signal but stops with rank 1
+            result["name"] = stop.name()
+        finally:
+            stop.restore()
+        checkpointer = Checkpointer(run, rank, 2, keep=3)
+        result["intact"] = checkpointer.newest_intact()
+        result["last_intact"] = checkpointer.last_intact
+    finally:
+        dist.destroy_process_group()
+    with open(out, "w") as fh:
+        json.dump(result, fh)
+
+
+def test_two_ranks_agree_on_gathers_stop_signals_and_damaged_checkpoints(tmp_path, capfd):
+    from sparse_dc.train.checkpoint import _gather
+    from train_harness import run_in_processes
+
+    assert _gather(7, 1) == [7] and _gather(7, 4) == [7]  # without a process group: this rank's value only
+    stop = StopSignal()
+    try:
+        assert stop.requested() is False
+    finally:
+        stop.restore()
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in (10, 20):
+        make_tag(ckpts, step)
+    damaged = sorted(FILES)[1]  # rank 1 of 2 checks it: only rank 1 can see the damage, both must agree
+    (ckpts / "step_00000020" / damaged).write_bytes(b"x")
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    run_in_processes([(_two_rank_bookkeeping, (r, str(tmp_path / "store"), str(tmp_path / "run"), str(outs[r])))
+                      for r in range(2)])
+    results = [json.loads(o.read_text()) for o in outs]
+    assert [r["gathered"] for r in results] == [[{"rank": 0}, {"rank": 1}]] * 2
+    assert [(r["before"], r["after"]) for r in results] == [(False, True)] * 2
+    assert [r["name"] for r in results] == ["a stop signal on another rank", "SIGUSR1"]
+    assert [r["intact"] for r in results] == [[10, "step_00000010"]] * 2
+    assert [r["last_intact"] for r in results] == [[10, "checksums verified at resume"]] * 2
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000010", "step_00000020.corrupt"]
+    err = capfd.readouterr().err
+    line = (f"checkpoint step_00000020 is damaged ({damaged} has 1 bytes, expected {2 * (100 + FILES.index(damaged))}"
+            "): resuming from step_00000010 instead (kept as step_00000020.corrupt)")
+    assert err.count(line) == 1  # said once, by rank 0
+    # a later resume on one rank finds the same checkpoint, the damaged one kept aside
+    assert Checkpointer(str(tmp_path / "run"), 0, 1, keep=3).newest_intact() == (10, "step_00000010")
+
+
+def test_newest_intact_names_the_damage_it_stepped_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    for step in (10, 20, 30, 40):
+        make_tag(ckpts, step)
+    marker = json.loads((ckpts / "step_00000010" / MARKER).read_text())
+    del marker["files"]  # written before files were recorded
+    (ckpts / "step_00000010" / MARKER).write_text(json.dumps(marker))
+    (ckpts / "step_00000020.corrupt").mkdir()  # set aside by an earlier resume, before step 20 was saved again
+    (ckpts / "step_00000020.corrupt" / "old.pt").write_bytes(b"old")
+    for step in (20, 30, 40):
+        (ckpts / f"step_{step:08d}" / FILES[2]).unlink()
+    checkpointer = Checkpointer(str(run), 0, 1, keep=3)
+    assert checkpointer.latest() == (40, "step_00000040")
+    assert checkpointer.newest_intact() == (10, "step_00000010")
+    assert checkpointer.last_intact == (10, "saved without checksums, so unverified")
+    assert capsys.readouterr().err == (f"checkpoint step_00000020 is damaged ({FILES[2]} is missing): resuming from "
+                                       "step_00000010 instead (kept as step_00000020.corrupt)\n")
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000010", "step_00000020.corrupt",
+                                                        "step_00000030.corrupt", "step_00000040.corrupt"]
+    assert sorted(os.listdir(ckpts / "step_00000020.corrupt")) == [MARKER, "mp_rank_00_model_states.pt",
+                                                                   "rng_rank0.pt", "zero"]  # the newer damage
+    for step in (50, 60):
+        make_tag(ckpts, step)
+        (ckpts / f"step_{step:08d}" / FILES[0]).write_bytes(b"")
+    (ckpts / "step_00000010" / MARKER).write_text("{")
+    with pytest.raises(ResumeError) as info:
+        checkpointer.newest_intact()
+    assert str(info.value) == (
+        f"no intact checkpoint in {ckpts} (step_00000060: {FILES[0]} has 0 bytes, expected 200; step_00000050: "
+        f"{FILES[0]} has 0 bytes, expected 200; step_00000010: {ckpts / 'step_00000010' / MARKER} is unreadable "
+        "(JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1))): expected "
+        f"at least one whose files match its {MARKER} record; the damaged ones are kept as step_*.corrupt; start "
+        "over with a new name=")
