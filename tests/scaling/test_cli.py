@@ -13,6 +13,7 @@ from sparse_dc.config.run import RunConfig
 from sparse_dc.data.config import DataConfig
 from sparse_dc.launch.presets import paper_lr, recipe_preset
 from sparse_dc.scaling.fit import load_fit
+from sparse_dc.scaling.forms import PAPER, get_form
 from sparse_dc.scaling.ledger import write_runs
 from sparse_dc.scaling.optimize import plan, predict_loss
 
