@@ -423,7 +423,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 
 
 def test_two_ranks_install_rank_zeros_decision_and_rigl_ranks_by_the_gradient_summed_over_ranks(tmp_path):
-    """Two gloo ranks forked from this process (so the engine code they run is this process's). SET with different
+    """Two gloo ranks spawned from this process (its sys.path and environment: the same package). SET with different
     weights per rank: both install what rank 0 alone decides, its grown units at the same regrown values. RigL with
     a different micro-batch per rank: both install what one process seeing both micro-batches decides."""
     import multiprocessing
@@ -432,7 +432,7 @@ def test_two_ranks_install_rank_zeros_decision_and_rigl_ranks_by_the_gradient_su
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # a fork of a process whose thread pools hold locks can hang
     procs = [ctx.Process(target=_rank_main, args=(rank, port, str(tmp_path))) for rank in (0, 1)]
     for p in procs:
         p.start()
