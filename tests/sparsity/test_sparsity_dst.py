@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from sparse_dc.errors import SparseDCError
 from sparse_dc.model import ModelConfig, build_model
 from sparse_dc.sparsity import DSTEngine, SparseLinear, SparsityConfig, optimizer_state, sparse_linear
 from sparse_dc.sparsity.topology import prune_rate_at, random_mask
@@ -238,3 +239,232 @@ def test_rigl_scores_config_is_validated():
     with pytest.raises(ValueError, match="rigl_scores='norms': expected 'exact' or 'norm_sum'"):
         SparsityConfig(rigl_scores="norms").validate()
     assert SparsityConfig.from_dict({"rigl_scores": "norm_sum"}).rigl_scores == "norm_sum"
+
+
+def test_engine_arguments_and_checkpoint_mismatches_are_one_line_errors():
+    with pytest.raises(SparseDCError) as err:
+        DSTEngine(_layer(1), _cfg("set", block_size=1), total_steps=0)
+    assert str(err.value) == "total_steps=0: expected an integer >= 1"
+    one = DSTEngine(_layer(1), _cfg("set", block_size=1).with_overrides(["stop_fraction=0.5"]), total_steps=1)
+    assert one.stop_step == 0 and not one.is_update_step(1)
+    assert DSTEngine(_layer(1), _cfg("set", block_size=1).with_overrides(["stop_fraction=0.75"]), 30).stop_step == 22
+    engine = DSTEngine(_layer(1), _cfg("set", block_size=1, seed=3), total_steps=100)
+    state = engine.state_dict()
+    for change, message in [
+        (dict(seed=4), "DST checkpoint has seed=4, method='set'; the config has seed=3, method='set': expected "
+                       "them to match"),
+        (dict(method="rigl"), "DST checkpoint has seed=3, method='rigl'; the config has seed=3, method='set': "
+                              "expected them to match"),
+        (dict(ever_active={"1": torch.ones(1)}), "DST checkpoint's sparse layers differ from the model's: expected "
+                                                 "the same model/sparsity config")]:
+        with pytest.raises(SparseDCError) as err:
+            engine.load_state_dict({**state, **change})
+        assert str(err.value) == message
+    with pytest.raises(SparseDCError) as err:
+        DSTEngine(_layer(32), _cfg("rigl", block_size=32), 100).end_step(10)
+    assert str(err.value) == ("RigL update at step 10 found no captured gradients for a layer: call "
+                              "dst.begin_step(step) before that step's forward/backward")
+
+
+def test_checkpoint_state_round_trips_into_a_fresh_engine():
+    model = _layer(1, seed=2)
+    engine = DSTEngine(model, _cfg("set", block_size=1), total_steps=100)
+    engine.end_step(10)
+    engine.end_step(20)
+    state = engine.state_dict()
+    assert state["seed"] == 0 and state["method"] == "set" and state["last_update_step"] == 20
+    state["ever_active"]["0"] = state["ever_active"]["0"].to(torch.uint8)  # as a serialiser may hand it back
+    state["last_update_step"] = torch.tensor(20)
+    fresh = DSTEngine(model, _cfg("set", block_size=1), total_steps=100)
+    fresh.load_state_dict(state)
+    assert fresh.last_update_step == 20 and type(fresh.last_update_step) is int
+    assert fresh.ever_active["0"].dtype == torch.bool and torch.equal(fresh.ever_active["0"],
+                                                                      engine.ever_active["0"])
+    assert fresh.last_changed == engine.last_changed and fresh.stats() == engine.stats()
+    state["ever_active"]["0"].zero_()  # the engine holds its own copy
+    assert torch.equal(fresh.ever_active["0"], engine.ever_active["0"])
+
+
+def test_only_rigl_update_steps_arm_gradient_capture():
+    set_model, rigl_model = _layer(1), _layer(1)
+    set_engine = DSTEngine(set_model, _cfg("set", block_size=1), 100)
+    rigl_engine = DSTEngine(rigl_model, _cfg("rigl", block_size=1), 100)
+    set_engine.begin_step(10)
+    rigl_engine.begin_step(9)
+    assert set_model[0]._scores is None and rigl_model[0]._scores is None  # no capture cost off update steps
+    rigl_engine.begin_step(10)
+    assert rigl_model[0]._scores is not None
+
+
+def test_stats_count_density_changes_and_ever_active_units_over_layers():
+    """Two layers of different sizes (an 8 x 4 unit layer with 16 live, a 1 x 2 one with 1 live) after one SET update
+    at a constant rate 0.6: the small layer's only unit is replaced (round(0.6) = 1), the big one's 10 of 16."""
+    torch.manual_seed(0)
+    big = sparse_linear(64, 128, 16, random_mask(8, 4, 16, torch.Generator().manual_seed(0)), std=0.1)
+    small = sparse_linear(2, 1, 1, torch.tensor([[True, False]]), std=0.1)
+    model = nn.ModuleDict({"big": big, "small": small})
+    cfg = _cfg("set", block_size=16).with_overrides(["prune_rate=0.6"])
+    engine = DSTEngine(model, cfg, total_steps=100, active_params=10_000)
+    before = engine.stats()
+    assert before["step"] == 0 and before["changed_fraction"] == 0 and before["dead_path_params"] == 0
+    assert before["density"] == 17 / 34 and before["ever_active_fraction"] == 17 / 34
+    assert before["effective_active_params"] == 10_000  # no Llama blocks: no dead paths known
+    assert before["layer_density"] == {"big": 0.5, "small": 0.5}
+    stats = engine.end_step(10)
+    assert stats == engine.stats() == engine.stats(10)
+    assert stats["step"] == 10 and stats["prune_rate"] == pytest.approx(0.6)
+    assert engine.last_changed == {"big": 10 / 16, "small": 1.0}
+    assert small.unit_mask().tolist() == [[False, True]]
+    assert stats["changed_fraction"] == pytest.approx(11 / 17)  # weighted by each layer's live units
+    assert stats["density"] == 17 / 34 and stats["layer_density"] == {"big": 0.5, "small": 0.5}
+    assert stats["ever_active_fraction"] == (17 + 11) / 34
+    assert engine.stats(30)["step"] == 30 and engine.stats(30)["prune_rate"] == pytest.approx(0.6)
+    # the effective count: active x (1 - dead / live sparse weights), floored at 0
+    live = 16 * 16 * 16 + 1
+    assert engine.effective_active_params(live // 4) == round(10_000 * (1 - (live // 4) / live))
+    assert engine.effective_active_params(2 * live) == 0
+    assert engine.effective_active_params(0) == 10_000
+    dense = DSTEngine(nn.Linear(2, 2), cfg, total_steps=100, active_params=6)
+    assert dense.stats()["density"] == 1.0 and dense.effective_active_params(5) == 6  # nothing sparse
+    assert not dense.is_update_step(10)
+
+
+def test_dead_path_params_are_counted_over_the_llama_blocks():
+    from sparse_dc.sparsity.paths import dead_path_params, model_projections
+
+    torch.manual_seed(0)
+    sparsity = SparsityConfig(density=0.1, block_size=16, method="set", block_topology="independent",
+                              update_frequency=2, prune_rate=0.3, stop_fraction=1.0)
+    shape = ModelConfig(n_layers=2, hidden_size=64, n_heads=2)
+    model = build_model(shape, sparsity, vocab_size=32)
+    engine = DSTEngine(model, sparsity, total_steps=10, active_params=50_000)
+    expected = sum(sum(dead_path_params(block, 2).values()) for block in model_projections(model).values())
+    assert expected > 0, "independent masks this sparse leave some live block on a dead path"
+    stats = engine.stats()
+    assert stats["dead_path_params"] == engine.dead_path_params() == expected
+    live = sum(m.active_numel for m in engine.layers.values())
+    assert stats["effective_active_params"] == round(50_000 * (1 - expected / live))
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_normal_regrowth_draws_from_the_step_and_layer_keyed_stream(block_size):
+    """regrow_init=normal: grown units start at N(0, (regrow_init_scale x init std)^2) drawn from a stream keyed
+    by (seed, step, layer) -- the same values on every rank and on a resumed run whatever the global RNG did,
+    different per layer, step and seed; zero regrowth leaves them at 0. RigL with the
+    same gradient into two identical layers grows the same units whatever the seed: only the key tells the
+    regrown values apart."""
+    b = block_size
+
+    def run(seed=0, step=10, regrow_init="normal", global_seed=0):
+        torch.manual_seed(0)
+        mask = random_mask(256 // b, 128 // b, (256 * 128) // b ** 2 // 2, torch.Generator().manual_seed(1))
+        layers = nn.ModuleList([sparse_linear(128, 256, b, mask, std=0.2) for _ in range(2)])
+        with torch.no_grad():
+            layers[1].param.copy_(layers[0].param)
+        cfg = _cfg("rigl", block_size=b, seed=seed, regrow_init=regrow_init, regrow_init_scale=0.5)
+        engine = DSTEngine(layers, cfg, total_steps=100)
+        engine.begin_step(step)
+        x, dy = torch.randn(4, 128, generator=torch.Generator().manual_seed(2)), torch.randn(4, 256)
+        for layer in layers:
+            layer(x).backward(dy)
+        torch.manual_seed(global_seed)
+        engine.end_step(step)
+        grown = [(layer.unit_mask() & ~mask).repeat_interleave(b, 0).repeat_interleave(b, 1) for layer in layers]
+        assert torch.equal(grown[0], grown[1]) and int(grown[0].sum()) > 0
+        return [layer.dense_weight().detach()[grown[0]] for layer in layers]
+
+    values = run()
+    for v in values:
+        assert float(v.std()) == pytest.approx(0.5 * 0.2, rel=0.1)
+        assert torch.count_nonzero(v) == v.numel()
+    assert not torch.equal(values[0], values[1])  # keyed by the layer
+    assert all(torch.equal(a, c) for a, c in zip(values, run(global_seed=1)))  # not the global RNG
+    assert not torch.equal(values[0], run(seed=1)[0])
+    assert not torch.equal(values[0], run(step=20)[0])
+    assert all(torch.count_nonzero(v) == 0 for v in run(regrow_init="zero"))
+
+
+def _two_layer_update(method: str, weight_rank: int, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """One update at step 10 of a block (B = 16) and an unstructured layer, normal regrowth; the weights scaled by
+    rank `weight_rank`'s random factors (each rank's magnitudes rank units differently) and the RigL gradient
+    summed over `batches`. Returns each layer's (mask before, mask after, dense weight after) the update."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(sparse_linear(64, 128, 16, random_mask(8, 4, 16, g), std=0.1),
+                          sparse_linear(128, 64, 1, random_mask(64, 128, 4096, g), std=0.1))
+    factors = torch.Generator().manual_seed(100 + weight_rank)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(torch.rand(p.shape, generator=factors) + 0.5)
+    old = [layer.unit_mask().clone() for layer in model]
+    engine = DSTEngine(model, _cfg(method, block_size=16, regrow_init="normal"), total_steps=100)
+    engine.begin_step(10)
+    for x, dy in batches:
+        model(x).backward(dy)
+    engine.end_step(10)
+    return [(before, layer.unit_mask().clone(), layer.dense_weight().detach().clone())
+            for before, layer in zip(old, model)]
+
+
+def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(200 + rank)
+    return torch.randn(6, 64, generator=g), torch.randn(6, 64, generator=g)
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:  # SET: own weights (rank 0's decision wins); RigL: the same weights, own micro-batch (the sum decides)
+        torch.save({"set": _two_layer_update("set", rank, [_rank_batch(rank)]),
+                    "rigl": _two_layer_update("rigl", 0, [_rank_batch(rank)])}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_install_rank_zeros_decision_and_rigl_ranks_by_the_gradient_summed_over_ranks(tmp_path):
+    """Two gloo ranks spawned from this process (its sys.path and environment: the same package). SET with different
+    weights per rank: both install what rank 0 alone decides, its grown units at the same regrown values. RigL with
+    a different micro-batch per rank: both install what one process seeing both micro-batches decides."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")  # a fork of a process whose thread pools hold locks can hang
+    procs = [ctx.Process(target=_rank_main, args=(rank, port, str(tmp_path))) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    batches = [_rank_batch(0), _rank_batch(1)]
+    expected = {"set": _two_layer_update("set", 0, batches[:1]), "rigl": _two_layer_update("rigl", 0, batches)}
+    alone = {"set": _two_layer_update("set", 1, batches[1:]), "rigl": _two_layer_update("rigl", 0, batches[:1])}
+    for method in ("set", "rigl"):
+        for layer, ((old, mask, weight), (_, alone_mask, _)) in enumerate(zip(expected[method], alone[method])):
+            assert not torch.equal(mask, alone_mask), f"{method} layer {layer}: the ranks would disagree alone"
+            b = 16 if layer == 0 else 1
+            grown, dead = ((m.repeat_interleave(b, 0).repeat_interleave(b, 1)) for m in (mask & ~old, ~mask))
+            for rank in (0, 1):
+                _, got_mask, got_weight = ranks[rank][method][layer]
+                assert torch.equal(got_mask, mask), f"{method} layer {layer} rank {rank}"
+                if rank == 0 or method == "rigl":
+                    torch.testing.assert_close(got_weight, weight, rtol=0, atol=0)
+                else:  # rank 1's SET weights are its own, except the regrown values and the zeros
+                    assert torch.equal(got_weight[grown], weight[grown])
+                    assert torch.count_nonzero(got_weight[dead]) == 0
+
+
+def test_stats_of_a_one_unit_layer_and_at_a_given_step():
+    """A layer with one live unit replaced at an update changed all of it; stats(step) reports that step's rate."""
+    layer = sparse_linear(2, 1, 1, torch.tensor([[True, False]]), std=0.1)
+    cfg = SparsityConfig(density=0.5, method="set", update_frequency=10, prune_rate=0.9, prune_rate_decay="cosine",
+                         stop_fraction=1.0)
+    engine = DSTEngine(nn.Sequential(layer), cfg, total_steps=100)
+    stats = engine.end_step(10)
+    assert layer.unit_mask().tolist() == [[False, True]] and stats["changed_fraction"] == 1.0
+    assert engine.stats(30)["prune_rate"] == pytest.approx(prune_rate_at(30, 0.9, 100, "cosine"))
+    assert engine.stats()["prune_rate"] == pytest.approx(prune_rate_at(10, 0.9, 100, "cosine"))
