@@ -60,6 +60,9 @@ _SET_OF_INDICES = "topk's indices are used as a set (to index a mask): their ord
 _ONE_DEVICE = ("`.to(mask.device)` of indices already on the mask's device: a no-op here, where the tests run on the "
                "CPU (it matters on a GPU, where tests/sparsity's GPU-free suite cannot see it)")
 _SIDE_LEFT = "side='left' is np.searchsorted's default"
+_FAST_PATH = ("which rows take the one-gather fast path (its piece lookup or edge comparisons): a row it turns away "
+              "is copied by the per-row path, whose own piece lookup or edge test may send it to the piecewise "
+              "read; every path copies the same tokens, only the speed differs")
 _EPOCH_CACHE = "how many epochs' offsets are cached: the same offsets, only memory and recomputation differ"
 _PLUS_ZERO = "E - 0 is E + 0 exactly: the zero array only broadcasts E to every run (a Dual's derivatives unchanged)"
 _JSON_LAYOUT = "indentation of FIT.json only: json.load (load_fit, any reader) parses the same document"
@@ -112,6 +115,19 @@ EQUIVALENT: dict[str, dict[str, str]] = {
                                                                  "paths copy the same tokens",
         **{f"sparse_dc.data.shards.x__json_kind__mutmut_{i}": "the fallback name for a type json.load never yields "
            "(it yields dict, list, str, bool, int, float or None, all in the table)" for i in (20, 22, 24)},
+        **{f"sparse_dc.data.shards.xǁTokenStreamǁgather__mutmut_{i}": _FAST_PATH for i in (15, 16, 18, 22, 38, 40)},
+        **{f"sparse_dc.data.shards.x_read_manifest__mutmut_{i}": _UTF8_LOCALE for i in (13, 15, 17)},
+        **{f"sparse_dc.data.shards.x_open_stream__mutmut_{i}": "manifest_tokenizer without the manifest reads the "
+           "same manifest file again" for i in (9, 11)},
+        **{f"sparse_dc.data.shards.x__map_shards__mutmut_{i}": "zero_copy_only False or None: numpy views of the "
+           "same values (a copy only where zero-copy is impossible, never for these primitive lists)" for i in (52, 53)},
+        **{f"sparse_dc.data.shards.x__map_shards__mutmut_{i}": "np.asarray of Python ints is int64 without the "
+           "dtype too (numpy >= 2 on every platform)" for i in (107, 109)},
+        "sparse_dc.data.shards.x__map_shards__mutmut_39": "pa.memory_map's default mode is 'r'",
+        "sparse_dc.data.shards.x__check_fields__mutmut_5": "rstrip of the characters 'X' and '.': no field prefix "
+                                                            "ends in X, so the same name",
+        "sparse_dc.data.shards.x_sha256_file__mutmut_8": "reading the file in one piece instead of chunks: the same "
+                                                          "hash, only the memory differs",
     },
     "scaling/fit": {
         **{f"sparse_dc.scaling.fit.xǁFitResultǁsave__mutmut_{i}": _JSON_LAYOUT for i in (7, 9, 10)},

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from sparse_dc.data.shards import (DataError, TokenStream, manifest_tokenizer, open_stream, read_manifest,
-                                   sha256_file, shard_entry)
+from sparse_dc.data.shards import (DataError, TokenStream, manifest_tokenizer, open_stream, open_validation,
+                                   read_manifest, sha256_file, shard_entry, token_dtype_for)
 
 
 @pytest.fixture
@@ -197,3 +197,67 @@ def test_read_many_bounds_hold_for_small_index_dtypes():
         with pytest.raises(IndexError, match="^token ranges outside the stream of 50 tokens$"):
             stream.read_many(starts, 2)
     np.testing.assert_array_equal(stream.read_many(np.array([48, 0], np.uint8), 2), [[48, 49], [0, 1]])
+
+
+def test_shards_of_several_record_batches_map_every_batch_and_document(data):
+    """Shards written as several record batches each (prepare writes one per BATCH_TOKENS): every batch is a piece at
+    its global offset, every document end is global, and the stream reads as the rows joined."""
+    manifest = read_manifest(str(data))
+    rows, batch_sizes = [], []
+    for i, shard in enumerate(manifest["shards"]):
+        path = data / shard["file"]
+        column = ipc.open_file(pa.memory_map(str(path), "r")).read_all().column(0).combine_chunks()
+        cuts = [0, 1, len(column) // 2, len(column)]  # a one-document batch, then two larger ones
+        with ipc.new_file(str(path), pa.schema([("tokens", column.type)])) as writer:
+            for a, b in zip(cuts, cuts[1:]):
+                part = column.slice(a, b - a)
+                writer.write_batch(pa.record_batch([part], names=["tokens"]))
+                batch_sizes.append(sum(len(r) for r in part.to_pylist()))
+        rows += column.to_pylist()
+        manifest["shards"][i] = shard_entry(str(data), shard["file"], shard["tokens"], shard["documents"])
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    stream = open_stream(str(data), verify="checksum")
+    flat = np.concatenate([np.asarray(r, np.int64) for r in rows])
+    assert len(stream.pieces) == 3 * len(manifest["shards"])
+    np.testing.assert_array_equal(stream.starts, np.cumsum([0, *batch_sizes]))
+    np.testing.assert_array_equal(stream.doc_ends, np.cumsum([len(r) for r in rows]))
+    np.testing.assert_array_equal(stream.read(0, np.empty(len(flat), np.int64)), flat)
+
+
+def test_no_shards_map_to_an_empty_stream(prepared):
+    """A held-out set with no shards is an empty stream: no pieces, starts [0], no document ends (int64)."""
+    manifest = read_manifest(str(prepared))
+    stream = open_validation(str(prepared), {**manifest, "validation": {"shards": [], "tokens": 0}})
+    assert stream.pieces == [] and stream.starts.tolist() == [0] and stream.total_tokens == 0
+    assert stream.doc_ends.shape == (0,) and stream.doc_ends.dtype == np.int64
+
+
+def test_held_out_shards_are_checksummed_by_default(data):
+    """open_validation hashes its shards unless told "size": a flipped byte of the same length is refused."""
+    manifest = read_manifest(str(data))
+    held_out = {"shards": manifest["shards"][:1], "tokens": manifest["shards"][0]["tokens"]}
+    path = data / manifest["shards"][0]["file"]
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with_held_out = {**manifest, "validation": held_out}
+    with pytest.raises(DataError) as info:
+        open_validation(str(data), with_held_out)
+    assert str(info.value) == f"shard {str(path)!r} fails its sha256 check against the manifest (corrupt)"
+    assert open_validation(str(data), with_held_out, verify="size").total_tokens == held_out["tokens"]
+
+
+def test_whole_messages_of_a_missing_field_a_foreign_tokenizer_and_a_small_dtype(data, tmp_path):
+    edit_manifest(data, lambda m: m.pop("total_tokens"))
+    fails(data, f"{data / 'manifest.json'}: corrupt manifest (no total_tokens): expected a manifest written by "
+                "`sparse-dc data prepare`")
+    edit_manifest(data, lambda m: m.update(total_tokens=sum(s["tokens"] for s in m["shards"])))
+    other = tmp_path / "other.model"
+    other.write_bytes(b"not the tokenizer")
+    sha = read_manifest(str(data))["tokenizer"]["sha256"]
+    fails(data, f"tokenizer {str(other)!r} is not the one {str(data)!r} was prepared with (expected sha256 "
+                f"{sha[:12]}...)", tokenizer_path=str(other))
+    with pytest.raises(DataError) as info:
+        token_dtype_for(65537, "uint16")
+    assert str(info.value) == ("vocab_size=65537 does not fit dtype uint16: expected vocab_size <= 65536 "
+                               "(use --dtype uint32 or auto)")
