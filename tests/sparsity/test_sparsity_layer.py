@@ -329,3 +329,20 @@ def test_capture_and_reset_indices_live_on_the_devices_they_are_asked_for(block_
         layer.to(meta)  # a whole layer on another device: arming allocates there
         layer.arm_scores(True)
         assert layer.take_scores().acc.device == meta
+
+
+def test_block_layout_follows_buffers_replaced_by_new_tensors():
+    """Buffers replaced by other tensors (as `.to(device)` or an assignment does; their in-place version counters
+    may well equal the old ones') give a layout over the new buffers, not the cached one."""
+    from sparse_dc.kernels import BlockLayout
+
+    block, _, _ = _pair()
+    old = block.unit_mask().clone()
+    assert torch.equal(block.layout.block_mask(), old)
+    new_mask = ~old  # 3 of 6 blocks live, the other three
+    for name, tensor in BlockLayout.from_block_mask(new_mask, B).state_tensors().items():
+        tensor = tensor.clone()
+        while tensor._version < getattr(block, name)._version:  # the same version as the buffer it replaces
+            tensor.add_(0)
+        setattr(block, name, tensor)
+    assert torch.equal(block.layout.block_mask(), new_mask)
