@@ -139,6 +139,17 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "sparse_dc.scaling.fit.x_grid_starts__mutmut_16": "numpy reads any negative size in reshape as the unknown one",
     },
     "scaling/uncertainty": {
+        **{f"sparse_dc.scaling.uncertainty.x_bootstrap__mutmut_{i}": (
+            "the process pool's size, chunking or when it is used (n >= 1, n > 2): the same refits in the same order "
+            "(test_bootstrap_in_processes_equals_serial), only the speed differs") for i in (27, 28, 29, 34, 35, 41,
+                                                                                             46, 47, 48, 49)},
+        **{f"sparse_dc.scaling.uncertainty.x_cross_validate__mutmut_{i}": "fold labels stored as floats: `fold == f` "
+           "selects the same runs" for i in (21, 23)},
+        "sparse_dc.scaling.uncertainty.x_cross_validate__mutmut_31": (
+            "dealing from fold -o instead of +o: the same partition of each stratum into folds (residue classes of "
+            "the dealing order), numbered differently, so the same predictions"),
+        **{f"sparse_dc.scaling.uncertainty.x_strata__mutmut_{i}": "reshape(-2) / reshape(None) of the 1-D inverse: "
+           "numpy reads any negative size as the unknown one, and None as 'keep the shape'" for i in (8, 19)},
         **{f"sparse_dc.scaling.uncertainty.x__as_1d__mutmut_{i}": _FORMS_CONVERT for i in (3, 5)},
         "sparse_dc.scaling.uncertainty.x_bootstrap__mutmut_7": (
             "another stream multiplier: resample i of a seed is stream seed * M + i, which for i < n < M still repeats "

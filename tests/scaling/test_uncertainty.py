@@ -233,3 +233,43 @@ def test_prediction_interval_of_a_single_sample_and_without_samples():
     with pytest.raises(FitError, match=r"^no bootstrap samples: refit with --bootstrap K to get confidence "
                                        r"intervals$"):
         intervals([])
+
+
+def _dealt_folds(n: int, k: int, seed: int) -> np.ndarray:
+    """The stated fold rule for one stratum: its runs in a seeded permutation, dealt round-robin over the k folds
+    from a random first fold (both draws from one generator seeded with `seed`)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    first = rng.integers(k)
+    fold = np.empty(n, int)
+    for j, run in enumerate(order):
+        fold[run] = (first + j) % k
+    return fold
+
+
+def test_cross_validation_deals_each_stratum_round_robin_from_a_seeded_fold(two_coefficient_form):
+    """With one stratum, k = 3 and 7 runs (uneven folds): every prediction is that of a fit on the runs outside its
+    fold under the stated rule, for two seeds; a failing fold names how many runs it fitted on."""
+    runs = synthetic_runs(7, CHINCHILLA, "chinchilla", noise=0.01, seed=4)
+    assert len(np.unique(strata(runs, "chinchilla-ab"))) == 1
+    for seed in (1, 2):  # first folds 2 and 1: dealt forwards, not backwards
+        fold = _dealt_folds(7, 3, seed)
+        cv = cross_validate(runs, "chinchilla-ab", "staged", k=3, seed=seed)
+        for f in range(3):
+            held = fold == f
+            expect = fit_law(runs.subset(~held), "chinchilla-ab", "staged").predict(runs.subset(held))
+            np.testing.assert_array_equal(np.array(cv["predictions"])[held], expect)
+    n_fit = int((_dealt_folds(7, 3, 0) != 0).sum())  # chinchilla's joint fit needs 6 runs: fold 1 fails
+    with pytest.raises(FitError, match=rf"^3-fold CV, fold 1 \(fits on {n_fit} runs\): stage 1-all of the chinchilla "
+                                       rf"law needs at least 6 matching runs .* the ledger has {n_fit}$"):
+        cross_validate(runs, "chinchilla", "joint", k=3)
+
+
+def test_cross_validation_shows_progress_only_when_asked(two_coefficient_form, capsys):
+    runs = synthetic_runs(6, CHINCHILLA, "chinchilla", noise=0.01, seed=4)
+    quiet = cross_validate(runs, "chinchilla-ab", "staged", k=2)
+    assert capsys.readouterr().err == ""
+    shown = cross_validate(runs, "chinchilla-ab", "staged", k=2, progress=True)
+    err = capsys.readouterr().err
+    assert "cross-validation: 100%" in err and "2/2 [" in err and ("fold/s" in err or "s/fold" in err)
+    assert shown == quiet
