@@ -39,7 +39,8 @@ MODULES: dict[str, list[str]] = {
                     "tests/data/test_prepare.py", "tests/data/test_shard_checks.py"],
     "sparsity/topology": ["tests/sparsity/test_sparsity_dst.py", "tests/sparsity/test_sparsity_recipe.py",
                           "tests/sparsity/test_sparsity_properties.py"],
-    "sparsity/dst": ["tests/sparsity/test_sparsity_dst.py", "tests/sparsity/test_sparsity_recipe.py"],
+    "sparsity/dst": ["tests/sparsity/test_sparsity_dst.py", "tests/sparsity/test_sparsity_recipe.py",
+                     "tests/sparsity/test_sparsity_paths.py"],
     "sparsity/layer": ["tests/sparsity/test_sparsity_layer.py", "tests/sparsity/test_sparsity_dst.py",
                        "tests/sparsity/test_sparsity_recipe.py"],
     "kernels/layout": ["tests/kernels/test_kernel_layout.py", "tests/kernels/test_layout_errors.py",
@@ -218,6 +219,11 @@ EQUIVALENT: dict[str, dict[str, str]] = {
            for i in (10, 12, 14)},
     },
     "sparsity/dst": {
+        **{f"sparse_dc.sparsity.dst.xǁDSTEngineǁupdate__mutmut_{i}": _CPU_DEVICE for i in (9, 19, 20)},
+        "sparse_dc.sparsity.dst.xǁDSTEngineǁupdate__mutmut_131": ("stats(None) at the end of update: update has just "
+                                                                  "set last_update_step = step, so the same stats"),
+        **{f"sparse_dc.sparsity.dst.xǁDSTEngineǁupdate__mutmut_{i}": "bool + uint8 promotes to uint8: the same "
+           "0/1/2 codes without one of the casts" for i in (56, 57)},
         "sparse_dc.sparsity.dst.x__distributed__mutmut_3": "world size >= 1: broadcast and all_reduce over a "
                                                            "one-rank group change nothing",
         **{f"sparse_dc.sparsity.dst.xǁDSTEngineǁ_regrown_values__mutmut_{i}": _STREAM_NAME for i in (5, 9, 13, 14)},
