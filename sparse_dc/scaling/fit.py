@@ -46,14 +46,17 @@ class FitError(SparseDCError):
 
 
 def objective(form: LawForm, params: Mapping[str, Any], runs: Runs, delta: float = DELTA) -> np.ndarray:
-    """The paper's objective: sum of Huber(log-loss residuals) over runs (last axis; vectorised over grids)."""
-    r = form.log_predict(params, runs) - np.log(runs.val_loss)
-    return np.where(np.isfinite(r), huber(r, delta), np.inf).sum(axis=-1)
+    """The paper's objective: sum of Huber(log-loss residuals) over runs (last axis; vectorised over grids); inf
+    where the law is undefined. Quiet whatever numpy's error state: the laws' terms underflow harmlessly."""
+    with np.errstate(all="ignore"):
+        r = form.log_predict(params, runs) - np.log(runs.val_loss)
+        return np.where(np.isfinite(r), huber(r, delta), np.inf).sum(axis=-1)
 
 
 def fit_metrics(form: LawForm, params: Mapping[str, float], runs: Runs) -> dict[str, float]:
     """R^2, RMSE and MAE of predicted vs observed loss (nats/token), and the mean absolute relative error."""
-    pred = form.predict(params, runs)
+    with np.errstate(under="ignore"):
+        pred = form.predict(params, runs)
     y = runs.val_loss
     res = pred - y
     ss_tot = float(((y - y.mean()) ** 2).sum())
@@ -115,8 +118,19 @@ def load_fit(path: str) -> FitResult:
 Solver = Literal["lsq", "lbfgs"]
 
 
+# What a solver sees for a run whose prediction is undefined (NaN) or infinite: a large residual of the same sign,
+# never 0, which would read as a perfect fit and draw the solver towards where the law breaks down.
+NONFINITE_RESIDUAL = 1e3
+
+
+def solver_residuals(r: np.ndarray) -> np.ndarray:
+    """Log-loss residuals as the local solvers see them: finite ones unchanged, NaN and +inf as +NONFINITE_RESIDUAL,
+    -inf as -NONFINITE_RESIDUAL."""
+    return np.nan_to_num(r, nan=NONFINITE_RESIDUAL, posinf=NONFINITE_RESIDUAL, neginf=-NONFINITE_RESIDUAL)
+
+
 def _local(form: LawForm, runs: Runs, free: tuple[str, ...], base: dict[str, float], x0: np.ndarray,
-           delta: float, solver: Solver = "lsq", prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+           delta: float, solver: Solver, prior: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Minimise the objective over the `free` parameters from x0 (others fixed at `base`): (theta, objective).
 
     'lsq': scipy least_squares (trust region) with loss='huber', f_scale=delta, whose cost
@@ -139,7 +153,7 @@ def _local(form: LawForm, runs: Runs, free: tuple[str, ...], base: dict[str, flo
         return cache[key]
 
     def values(theta: np.ndarray) -> np.ndarray:  # data residuals, then the prior's (if any)
-        r = np.nan_to_num(residual(theta).v, nan=1e3, posinf=1e3, neginf=-1e3)
+        r = solver_residuals(residual(theta).v)
         return r if prior is None else np.concatenate([r, PRIOR_WEIGHT * (theta - prior)])
 
     def jacobian(theta: np.ndarray) -> np.ndarray:  # (n [+ K], K)
@@ -162,8 +176,7 @@ def _local(form: LawForm, runs: Runs, free: tuple[str, ...], base: dict[str, flo
         res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=list(zip(lo, hi)),
                        options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-10, "maxcor": 20})
     theta = res.x
-    with np.errstate(all="ignore"):
-        return theta, float(objective(form, {**base, **dict(zip(free, theta))}, runs, delta))
+    return theta, float(objective(form, {**base, **dict(zip(free, theta))}, runs, delta))
 
 
 def grid_starts(stage_grid: Mapping[str, tuple[float, ...]], free: tuple[str, ...],
@@ -173,21 +186,30 @@ def grid_starts(stage_grid: Mapping[str, tuple[float, ...]], free: tuple[str, ..
     return np.array(list(itertools.product(*axes)), dtype=float).reshape(-1, len(free))
 
 
+def grid_objective(form: LawForm, runs: Runs, free: tuple[str, ...], base: Mapping[str, float], starts: np.ndarray,
+                   delta: float = DELTA, max_elements: int = 2_000_000) -> np.ndarray:
+    """The objective at every start (G,) of the `free` parameters (others at `base`), evaluated a block of starts at
+    a time: each (block x runs) temporary holds at most `max_elements` numbers (16 MB of float64) however large the
+    grid. NaN-free: an undefined point's objective is inf."""
+    values = np.empty(len(starts))
+    block_rows = max(1, max_elements // max(len(runs), 1))
+    for i in range(0, len(starts), block_rows):
+        block = starts[i:i + block_rows]
+        values[i:i + block_rows] = objective(form, {**base, **{k: block[:, j:j + 1] for j, k in enumerate(free)}},
+                                             runs, delta)
+    return values
+
+
 def fit_stage(form: LawForm, runs: Runs, free: tuple[str, ...], current: Mapping[str, float],
               starts: np.ndarray, top_k: int = 3, delta: float = DELTA, solver: Solver = "lsq",
               prior: np.ndarray | None = None) -> tuple[dict[str, float], float]:
-    """Evaluate every start at once (G x n array), polish the `top_k` best locally, keep the best. `prior`: see
-    `_local`."""
+    """Evaluate every start at once (G x n array), polish the `top_k` best defined ones locally (ties in grid order),
+    keep the best. `prior`: see `_local`."""
     base = {k: v for k, v in current.items() if k not in free}
-    grid_obj = np.empty(len(starts))
-    chunk = max(1, 2_000_000 // max(len(runs), 1))  # bound the (chunk x n) temporaries to ~16 MB each
-    with np.errstate(all="ignore"):
-        for i in range(0, len(starts), chunk):
-            block = starts[i:i + chunk]
-            grid_obj[i:i + chunk] = objective(form, {**base, **{k: block[:, j:j + 1] for j, k in enumerate(free)}},
-                                              runs, delta)
+    grid_obj = grid_objective(form, runs, free, base, starts, delta)
     best_theta, best_obj = None, np.inf
-    for i in np.argsort(np.where(np.isfinite(grid_obj), grid_obj, np.inf), kind="stable")[:top_k]:
+    ranked = np.argsort(grid_obj, kind="stable")  # stable: the same starts on every CPU, whatever sort numpy picks
+    for i in ranked[np.isfinite(grid_obj[ranked])][:top_k]:
         with np.errstate(all="ignore"):
             theta, obj = _local(form, runs, free, base, starts[i], delta, solver, prior)
         if obj < best_obj:
@@ -262,9 +284,8 @@ def _fit_paper(runs: Runs, law: LawForm, start: Mapping[str, float] | None,
     except NotebookFitError as exc:
         raise FitError(str(exc)) from None
     params = law.check_params(params)
-    with np.errstate(all="ignore"):
-        return FitResult(form=law.name, params=params, objective=float(objective(law, params, runs, delta)),
-                         metrics=fit_metrics(law, params, runs), procedure="paper", stages=reports)
+    return FitResult(form=law.name, params=params, objective=float(objective(law, params, runs, delta)),
+                     metrics=fit_metrics(law, params, runs), procedure="paper", stages=reports)
 
 
 def fit_anchored(runs: Runs, form: str | LawForm, anchor: Mapping[str, float], free: tuple[str, ...],
