@@ -273,3 +273,8 @@ def test_cross_validation_shows_progress_only_when_asked(two_coefficient_form, c
     err = capsys.readouterr().err
     assert "cross-validation: 100%" in err and "2/2 [" in err and ("fold/s" in err or "s/fold" in err)
     assert shown == quiet
+
+
+def test_cross_validation_defaults_to_five_joint_folds_of_the_paper_law(train_runs):
+    cv = cross_validate(train_runs)
+    assert cv["k"] == 5 and cv["predictions"] == cross_validate(train_runs, "paper", "joint", 5, 0)["predictions"]

@@ -285,3 +285,29 @@ def test_config_fields_are_validated():
         SparsityConfig(regrow_init_scale=0.0).validate()
     assert SparsityConfig.from_dict({"regrow_init": "normal"}).regrow_init == "normal"
     assert SparsityConfig().block_topology == "path_aware" and SparsityConfig().regrow_init == "zero"
+
+
+@pytest.mark.parametrize("block,topology,path_aware_layers", [(32, "path_aware", 14), (32, "independent", 0),
+                                                              (1, "path_aware", 0)])
+def test_only_path_aware_block_runs_update_along_paths(block, topology, path_aware_layers):
+    """The engine takes path-aware decisions for every Llama projection of a path-aware block run (2 blocks x 7),
+    and for none of an independent-block or unstructured (B = 1) run, whatever block_topology says."""
+    model, sparsity = small_model(block, 0.25, "set", topology)
+    engine = DSTEngine(model, sparsity, total_steps=10)
+    assert len(engine.sites) == path_aware_layers and len(engine.layers) == 14
+
+
+@pytest.mark.parametrize("candidates", ["dead_after_drop", "dead_before_drop"])
+def test_path_aware_updates_follow_the_runs_grow_candidates(monkeypatch, candidates):
+    """dead_after_drop lets a just-dropped block grow back in a path-aware update too, as in an independent one."""
+    seen = []
+    real = PathAwareUpdate.decide
+
+    def recording(self, name, mask, magnitude, grow_score, n, regrow_dropped=False):
+        seen.append(regrow_dropped)
+        return real(self, name, mask, magnitude, grow_score, n, regrow_dropped)
+
+    monkeypatch.setattr(PathAwareUpdate, "decide", recording)
+    model, sparsity = small_model(32, 0.25, "set", grow_candidates=candidates)
+    DSTEngine(model, sparsity, total_steps=10).update(2)
+    assert seen == [candidates == "dead_after_drop"] * 14

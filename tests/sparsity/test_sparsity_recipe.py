@@ -72,6 +72,15 @@ def test_grow_candidates_decide_whether_a_just_dropped_unit_can_regrow():
     assert new.tolist() == [False, False, True, True, True, True] and grown.tolist() == [False] * 4 + [True] * 2
 
 
+def test_a_just_dropped_unit_stays_dead_unless_asked():
+    """drop_grow's default is the conservative rule (dead_before_drop); regrowing just-dropped units is opt-in."""
+    mask = torch.tensor([True, True, True, True, False, False])
+    magnitude = torch.tensor([0.1, 0.2, 3.0, 4.0, 0.0, 0.0])
+    score = torch.tensor([9.0, 8.0, 0.0, 0.0, 1.0, 2.0])
+    new, grown = drop_grow(mask, magnitude, score, 2)
+    assert new.tolist() == [False, False, True, True, True, True] and grown.tolist() == [False] * 4 + [True] * 2
+
+
 @pytest.mark.parametrize("block_size", [1, 32])
 def test_a_regrown_just_dropped_unit_restarts_at_zero_with_zeroed_moments(block_size):
     """SET at density 0.75 replacing half the live units: most candidates after the drop were just dropped, so some
