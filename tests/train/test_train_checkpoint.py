@@ -235,6 +235,43 @@ def test_two_ranks_agree_on_gathers_stop_signals_and_damaged_checkpoints(tmp_pat
     assert Checkpointer(str(tmp_path / "run"), 0, 1, keep=3).newest_intact() == (10, "step_00000010")
 
 
+def _two_rank_integrity_check(rank: int, store: str, run: str, out: str) -> None:
+    """One of two forked ranks: the files this rank hashes while both look for the newest intact checkpoint."""
+    import torch.distributed as dist
+
+    from sparse_dc.train import checkpoint
+
+    checked, real = [], checkpoint.file_problem
+
+    def recording(tag_dir, name, record):
+        checked.append(name)
+        return real(tag_dir, name, record)
+
+    checkpoint.file_problem = recording
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        intact = Checkpointer(run, rank, 2, keep=3).newest_intact()
+    finally:
+        dist.destroy_process_group()
+    with open(out, "w") as fh:
+        json.dump({"intact": intact, "checked": checked}, fh)
+
+
+def test_ranks_split_the_integrity_check_each_file_read_once(tmp_path):
+    """Resuming verifies every recorded file's checksum: split over the ranks, so a large checkpoint costs each of
+    them 1/world_size of the reads."""
+    from train_harness import run_in_processes
+
+    make_tag(tmp_path / "run" / "checkpoints", 10)
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    run_in_processes([(_two_rank_integrity_check, (r, str(tmp_path / "store"), str(tmp_path / "run"), str(outs[r])))
+                      for r in range(2)])
+    results = [json.loads(o.read_text()) for o in outs]
+    assert [r["intact"] for r in results] == [[10, "step_00000010"]] * 2
+    assert [r["checked"] for r in results] == [sorted(FILES)[0::2], sorted(FILES)[1::2]]
+    assert Checkpointer(str(tmp_path / "run"), 0, 1, keep=3).newest_intact() == (10, "step_00000010")  # one alone
+
+
 def test_newest_intact_names_the_damage_it_stepped_over(tmp_path, capsys):
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
