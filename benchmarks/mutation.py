@@ -170,6 +170,10 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         **{f"{_L}with_mask__mutmut_{i}": "torch.full with the int fill -1 is int64 without dtype= too"
            for i in (24, 28)},
         f"{_L}with_mask__mutmut_32": "the 'no slot yet' sentinel -2 instead of -1: only `< 0` is asked of it",
+        **{f"{_L}__init____mutmut_{i}": _CPU_ONLY for i in (121, 124)},
+        **{f"{_L}with_mask__mutmut_{i}": _CPU_ONLY for i in (49, 52)},
+        **{f"{_L}with_mask__mutmut_{i}": _TRUSTED for i in (70, 76, 79)},
+        **{f"{_L}with_mask__mutmut_{i}": _INT32_ANYWAY for i in (77, 78)},
         f"{_L}__init____mutmut_88": ("repeat_interleave(row_len) is arange(nbr) repeated row_len times: the same "
                                      "values and dtype"),
     },
