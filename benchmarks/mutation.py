@@ -130,8 +130,22 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         **{f"sparse_dc.scaling.fit.x_fit_anchored__mutmut_{i}": "an anchored fit has one start: top_k 2 or None "
                                                                  "(slice [:None]) polishes that start as 1 does"
            for i in (38, 51)},
-        "sparse_dc.scaling.fit.x_fit_metrics__mutmut_31": 'float("NAN") is float("nan")',
+        "sparse_dc.scaling.fit.x_fit_metrics__mutmut_34": 'float("NAN") is float("nan")',
         "sparse_dc.scaling.fit.x_grid_starts__mutmut_16": "numpy reads any negative size in reshape as the unknown one",
+        "sparse_dc.scaling.fit.x_fit_law__mutmut_143": ("the joint step polishes all its starts: top_k None (slice "
+                                                        "[:None]) is len(starts)"),
+        "sparse_dc.scaling.fit.x_fit_stage__mutmut_26": "np.argsort reads kind case-insensitively: 'STABLE' is 'stable'",
+        **{f"sparse_dc.scaling.fit.x_grid_objective__mutmut_{i}": (
+            "how many grid rows are evaluated per block (the memory bound, or overlapping blocks with step 1): every "
+            "row's objective is the same in any block (test_grid_objective_is_the_objective_at_each_start_whatever_"
+            "the_block_size)") for i in (1, 9, 15, 21)},
+        "sparse_dc.scaling.fit.x__local__mutmut_17": ("the upper bound of a parameter without bounds: (+inf, inf)[1] is "
+                                                      "inf as (-inf, inf)[1] is"),
+        "sparse_dc.scaling.fit.x__local__mutmut_101": "1e+30 is the float 1e30",
+        **{f"sparse_dc.scaling.fit.x__local__mutmut_{i}": (
+            "scipy.optimize.minimize with bounds and no method picks L-BFGS-B, and reads method names "
+            "case-insensitively") for i in (124, 130, 135)},
+        "sparse_dc.scaling.fit.x__local__mutmut_81": "least_squares' default method is 'trf'",
     },
     "scaling/uncertainty": {
         **{f"sparse_dc.scaling.uncertainty.x_bootstrap__mutmut_{i}": (
